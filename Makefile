@@ -1,0 +1,49 @@
+# gatewayd: the two commands are `make demo` (the real thing, in network namespaces) and `make test`.
+# Both set up everything on a fresh Debian machine (run as root): system packages, a venv from the lock file.
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_PACKAGES := nftables libnftables1 wireguard-go wireguard-tools mosquitto mosquitto-clients \
+	conntrack iproute2 systemd procps
+
+.PHONY: test demo deps system-deps proto lint typecheck bench clean
+
+deps: system-deps $(BIN)/.installed
+
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(BIN)/.installed: requirements.lock pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+# Regenerate the protobuf/gRPC modules in gatewayd/v1 (tests/test_proto.py fails when they are stale).
+proto: $(BIN)/.installed
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+		proto/gatewayd/v1/*.proto
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check gatewayd tests bench
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy gatewayd bench tests
+
+test: deps lint typecheck
+	$(BIN)/pytest -q
+
+demo: deps
+	$(BIN)/python -m gatewayd.lab.demo
+
+bench: deps
+	$(BIN)/python -m bench.disconnect --out bench/results.json
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

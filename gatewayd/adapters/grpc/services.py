@@ -1,0 +1,209 @@
+"""The two gRPC services. Thin: validate and translate (convert), submit a job to the driver, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator
+
+import grpc
+
+from gatewayd.adapters.grpc import convert
+from gatewayd.auth import backup
+from gatewayd.core.model import Peer
+from gatewayd.errors import Refused, Status
+from gatewayd.runtime.driver import Driver
+from gatewayd.runtime.operations import ChallengeView, Operations, ProofOutcome
+from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
+
+MAX_PAGE = 1000
+
+
+class ControlService(control_pb2_grpc.ControlServiceServicer):
+    def __init__(self, driver: Driver, ops: Operations) -> None:
+        self.driver, self.ops = driver, ops
+
+    async def Disconnect(self, request: control_pb2.DisconnectRequest, context: grpc.aio.ServicerContext
+                         ) -> control_pb2.DisconnectResponse:
+        args = convert.disconnect(request)
+        outcome, replayed = await self.driver.submit(self.ops.disconnect(
+            member_id=args["member_id"], public_key=args["public_key"], reason=args["reason"] or "",
+            idempotency_key=args["idempotency_key"] or ""))
+        return convert.disconnect_response(outcome, replayed)
+
+    async def ApplyTeamPolicy(self, request: control_pb2.ApplyTeamPolicyRequest,
+                              context: grpc.aio.ServicerContext) -> control_pb2.ApplyTeamPolicyResponse:
+        outcome = await self.driver.submit(self.ops.apply_team_policy(convert.team_policy(request)))
+        return control_pb2.ApplyTeamPolicyResponse(peers_quarantined=outcome.peers_quarantined,
+                                                   warnings=list(outcome.warnings))
+
+    async def UpsertMember(self, request: control_pb2.UpsertMemberRequest, context: grpc.aio.ServicerContext
+                           ) -> control_pb2.UpsertMemberResponse:
+        result = await self.driver.submit(self.ops.upsert_member(convert.member_update(request)))
+        return control_pb2.UpsertMemberResponse(created=result["created"], totp_pending=result["totp_pending"])
+
+    async def RemoveMember(self, request: control_pb2.RemoveMemberRequest, context: grpc.aio.ServicerContext
+                           ) -> control_pb2.RemoveMemberResponse:
+        n = await self.driver.submit(self.ops.remove_member(convert.ident(request.member_id, "member_id")))
+        return control_pb2.RemoveMemberResponse(peers_unmapped=n)
+
+    async def ResetMfa(self, request: control_pb2.ResetMfaRequest, context: grpc.aio.ServicerContext
+                       ) -> control_pb2.ResetMfaResponse:
+        await self.driver.submit(self.ops.reset_mfa(convert.ident(request.member_id, "member_id")))
+        return control_pb2.ResetMfaResponse()
+
+    async def UnlockMfa(self, request: control_pb2.UnlockMfaRequest, context: grpc.aio.ServicerContext
+                        ) -> control_pb2.UnlockMfaResponse:
+        await self.driver.submit(self.ops.unlock_mfa(convert.ident(request.member_id, "member_id")))
+        return control_pb2.UnlockMfaResponse()
+
+    async def ListSessions(self, request: control_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+                           ) -> control_pb2.ListSessionsResponse:
+        size = request.page_size or 100
+        if size > MAX_PAGE:
+            raise Refused(Status.INVALID_ARGUMENT, f"must be at most {MAX_PAGE}", field="page_size")
+        if request.page_token:
+            convert.public_key(request.page_token, "page_token")
+        if request.state and request.state not in convert.STATE_FROM_PB:
+            raise Refused(Status.INVALID_ARGUMENT, "unknown state", field="state")
+        core = self.driver.core
+        state = convert.STATE_FROM_PB.get(request.state)
+        chosen: list[Peer] = []
+        for key in sorted(core.peers):
+            if request.page_token and key <= request.page_token:
+                continue
+            peer = core.peers[key]
+            member = core.member_of(peer)
+            if peer.state is None or (request.member_id and peer.member_id != request.member_id):
+                continue
+            if request.team_id and (member is None or member.team_id != request.team_id):
+                continue
+            if state is not None and peer.state is not state:
+                continue
+            chosen.append(peer)
+            if len(chosen) > size:
+                break
+        more = len(chosen) > size
+        page = chosen[:size]
+        return control_pb2.ListSessionsResponse(
+            sessions=[convert.session(p, core.member_of(p), self.driver.snapshot.get(p.public_key)) for p in page],
+            next_page_token=page[-1].public_key if more else "")
+
+    async def GetSession(self, request: control_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+                         ) -> types_pb2.Session:
+        key = convert.public_key(request.peer_public_key, "peer_public_key")
+        peer = self.driver.core.peers.get(key)
+        if peer is None or peer.state is None:
+            raise Refused(Status.NOT_FOUND, "no such session", field="peer_public_key")
+        return convert.session(peer, self.driver.core.member_of(peer), self.driver.snapshot.get(key))
+
+    async def WatchEvents(self, request: control_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[types_pb2.Event]:
+        prefixes = tuple(request.type_prefixes)
+        live: asyncio.Queue = asyncio.Queue(maxsize=100_000)
+        self.driver.watchers.events.add(live)
+        try:
+            last = request.after_cursor
+            if last:
+                while True:
+                    page = await self.driver.store.events_after(last)
+                    if not page:
+                        break
+                    for e in page:
+                        last = e.cursor
+                        if not prefixes or e.type.startswith(prefixes):
+                            yield convert.event(e)
+            while True:
+                e = await live.get()
+                if e.cursor <= last:
+                    continue
+                last = e.cursor
+                if not prefixes or e.type.startswith(prefixes):
+                    yield convert.event(e)
+        finally:
+            self.driver.watchers.events.discard(live)
+
+
+def caller_address(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's source address from gRPC's peer string ("ipv4:1.2.3.4:5", "ipv6:[::1]:5")."""
+    peer: str = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        host = rest.rsplit(":", 1)[0]
+    elif kind == "ipv6":
+        host = rest.rsplit(":", 1)[0].strip("[]").split("%")[0]
+    else:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):
+    def __init__(self, driver: Driver, ops: Operations) -> None:
+        self.driver, self.ops = driver, ops
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        address = caller_address(context)
+        peer = self.driver.core.peer_for_address(address) if address else None
+        if peer is None:
+            raise Refused(Status.PERMISSION_DENIED, "the caller is not a tunnel address of a tracked peer")
+        return peer.public_key
+
+    async def GetChallenge(self, request: challenge_pb2.GetChallengeRequest, context: grpc.aio.ServicerContext
+                           ) -> challenge_pb2.Challenge:
+        view: ChallengeView = await self.driver.submit(self.ops.challenge(self._caller(context)))
+        return convert.challenge(view)
+
+    async def SubmitTotp(self, request: challenge_pb2.SubmitTotpRequest, context: grpc.aio.ServicerContext
+                         ) -> challenge_pb2.ProofResult:
+        key = self._caller(context)
+        if not 6 <= len(request.code) <= 8:
+            raise Refused(Status.INVALID_ARGUMENT, "must be 6 or 8 ASCII digits", field="code")
+        return _result(await self.driver.submit(self.ops.submit_totp(key, request.code)))
+
+    async def SubmitBackupCode(self, request: challenge_pb2.SubmitBackupCodeRequest,
+                               context: grpc.aio.ServicerContext) -> challenge_pb2.ProofResult:
+        key = self._caller(context)
+        if not backup.well_formed(request.code):
+            raise Refused(Status.INVALID_ARGUMENT, "must be 6 to 64 ASCII letters, digits, '-' or ' '",
+                          field="code")
+        params = await self.driver.submit(self.ops.backup_precheck(key))
+        # One KDF evaluation, off the event loop; consumption is then atomic inside the driver.
+        derived = await asyncio.to_thread(backup.derive, request.code, params)
+        return _result(await self.driver.submit(self.ops.submit_backup_code(key, derived, params)))
+
+    async def SubmitDeviceAssertion(self, request: challenge_pb2.SubmitDeviceAssertionRequest,
+                                    context: grpc.aio.ServicerContext) -> challenge_pb2.ProofResult:
+        self._caller(context)
+        raise Refused(Status.UNIMPLEMENTED, "device assertions are not verified by this gateway yet")
+
+    async def WatchStatus(self, request: challenge_pb2.WatchStatusRequest, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[challenge_pb2.Challenge]:
+        key = self._caller(context)
+        changed: asyncio.Queue[None] = asyncio.Queue()
+        watchers = self.driver.watchers.peers.setdefault(key, set())
+        watchers.add(changed)
+        try:
+            last = None
+            while True:
+                view = convert.challenge(await self.driver.submit(self.ops.challenge(key)))
+                if view != last:
+                    yield view
+                    last = view
+                await changed.get()
+                while not changed.empty():
+                    changed.get_nowait()
+        finally:
+            watchers.discard(changed)
+            if not watchers:
+                self.driver.watchers.peers.pop(key, None)
+
+
+def _result(outcome: ProofOutcome) -> challenge_pb2.ProofResult:
+    return challenge_pb2.ProofResult(accepted=outcome.accepted, status=convert.challenge(outcome.status),
+                                     backup_codes_remaining=outcome.backup_remaining)

@@ -1,0 +1,66 @@
+"""`gatewayd run --config PATH` and `gatewayd check-config --config PATH`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from gatewayd.config import ConfigError, load
+
+DEFAULT_CONFIG = Path("/etc/gatewayd/gatewayd.toml")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _run(path: Path) -> int:
+    import uvloop
+
+    from gatewayd.runtime.daemon import Daemon, kernel_adapters
+
+    config = load(path)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Daemon(config, kernel_adapters(config)).serve(stop)
+
+    uvloop.run(main())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gatewayd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "run the daemon"), ("check-config", "validate a configuration file")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    try:
+        if args.command == "check-config":
+            load(args.config)
+            print(f"{args.config}: ok")
+            return 0
+        return _run(args.config)
+    except ConfigError as exc:
+        print(f"gatewayd: {args.config}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

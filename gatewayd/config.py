@@ -1,0 +1,248 @@
+"""Configuration: TOML into frozen dataclasses. An unknown key or a bad value is an error naming the key."""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewaySection:
+    id: str = "gateway-1"
+    """This gateway's id: the CloudEvents source and the MQTT topic segment."""
+    database: Path = Path("/var/lib/gatewayd/state.db")
+    """SQLite database file."""
+    secrets_key_file: Path = Path("/run/credentials/gatewayd.service/secrets-key")
+    """32-byte key (raw or 64 hex digits) that encrypts factor secrets at rest; from systemd LoadCredential."""
+    quarantine_unknown_peers: bool = True
+    """Peers not mapped to a member are locked in quarantine (false: forwarded)."""
+    event_retention: int = 100_000
+    """Events kept in the outbox for WatchEvents resumption."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WireGuardSection:
+    interface: str = "wg0"
+    """The WireGuard interface whose peers are tracked and enforced."""
+    backend: Literal["auto", "kernel", "uapi"] = "auto"
+    """How peers are read: kernel generic netlink, the userspace UAPI socket, or auto (kernel if present)."""
+    uapi_socket_dir: Path = Path("/var/run/wireguard")
+    """Where userspace implementations put <interface>.sock."""
+    poll_interval: float = 1.0
+    """Seconds between two reads of the interface's peers."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnforcementSection:
+    table: str = "gatewayd"
+    """The nftables table (family inet) that gatewayd owns. It touches no other."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlSection:
+    listen: str = ""
+    """host:port of the mTLS control listener; empty = none."""
+    tls_cert_file: Path | None = None
+    """Server certificate chain (PEM)."""
+    tls_key_file: Path | None = None
+    """Server private key (PEM)."""
+    client_ca_file: Path | None = None
+    """CA bundle for client certificates (PEM)."""
+    unix_socket: Path | None = Path("/run/gatewayd/control.sock")
+    """Local socket for the operator CLI; empty = none."""
+    unix_socket_mode: int = 0o660
+    """Permissions of the local socket."""
+    unix_principal: str = "local-ops"
+    """The principal that callers on the local socket act as."""
+    max_message_bytes: int = 65536
+    """Largest request accepted."""
+    max_deadline: float = 30.0
+    """Longest any call may run, whatever the client's deadline."""
+    authorization: dict[str, list[str]] = field(default_factory=dict)
+    """Principal (certificate SAN or CN, or unix_principal) -> allowed method names, or ["*"]. Default deny."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChallengeSection:
+    listen: list[str] = field(default_factory=lambda: ["0.0.0.0:9443"])
+    """host:port addresses of the challenge listener (the gateway's tunnel addresses)."""
+    port: int = 9443
+    """The challenge port that quarantined peers may reach on the gateway (nftables rule)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthSection:
+    max_failures: int = 10
+    """Consecutive failures per member that lock its factors."""
+    free_failures: int = 3
+    """Failures before growing delays start."""
+    base_delay: float = 1.0
+    """First delay in seconds, doubled after each further failure."""
+    max_delay: float = 60.0
+    """Longest delay in seconds."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    """[gateway]"""
+    wireguard: WireGuardSection = field(default_factory=WireGuardSection)
+    """[wireguard]"""
+    enforcement: EnforcementSection = field(default_factory=EnforcementSection)
+    """[enforcement]"""
+    control: ControlSection = field(default_factory=ControlSection)
+    """[control]"""
+    challenge: ChallengeSection = field(default_factory=ChallengeSection)
+    """[challenge]"""
+    auth: AuthSection = field(default_factory=AuthSection)
+    """[auth]"""
+
+
+METHODS = {"Disconnect", "ApplyTeamPolicy", "UpsertMember", "RemoveMember", "ResetMfa", "UnlockMfa",
+           "ListSessions", "GetSession", "WatchEvents"}
+
+
+def _convert(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value == "" and type(None) in typing.get_args(hint):
+            return None
+        return _convert(key, options[0], value)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(key, f"must be one of {', '.join(map(str, typing.get_args(hint)))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(key, "must be a list")
+        return [_convert(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(key, "must be a table")
+        return {k: _convert(f"{key}.{k}", item, v) for k, v in value.items()}
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, "must be a non-empty path")
+        return Path(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, "must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, "must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, "must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, "must be a string")
+        return value
+    if is_dataclass(hint):
+        return _section(key, typing.cast(type, hint), value)
+    raise ConfigError(key, f"unsupported type {hint}")
+
+
+def _section(prefix: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(prefix, "must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key}" if prefix else key, "unknown key")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in table:
+            kwargs[f.name] = _convert(f"{prefix}.{f.name}" if prefix else f.name, hints[f.name], table[f.name])
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{prefix}.{f.name}", "is required")
+    return cls(**kwargs)
+
+
+def _host_port(key: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"{value!r} is not host:port")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(key, f"{host!r} is not an IP address") from None
+
+
+def validate(cfg: Config) -> Config:
+    if not cfg.gateway.id or len(cfg.gateway.id) > 64 or "/" in cfg.gateway.id or "+" in cfg.gateway.id \
+            or "#" in cfg.gateway.id:
+        raise ConfigError("gateway.id", "must be 1-64 characters without '/', '+' or '#'")
+    if cfg.gateway.event_retention < 1:
+        raise ConfigError("gateway.event_retention", "must be at least 1")
+    if not 0.05 <= cfg.wireguard.poll_interval <= 60:
+        raise ConfigError("wireguard.poll_interval", "must be between 0.05 and 60 seconds")
+    if not cfg.wireguard.interface or len(cfg.wireguard.interface) > 15:
+        raise ConfigError("wireguard.interface", "must be an interface name of 1-15 characters")
+    if not cfg.enforcement.table.replace("_", "").isalnum():
+        raise ConfigError("enforcement.table", "must be letters, digits and '_'")
+    if cfg.control.listen:
+        _host_port("control.listen", cfg.control.listen)
+        for name in ("tls_cert_file", "tls_key_file", "client_ca_file"):
+            if getattr(cfg.control, name) is None:
+                raise ConfigError(f"control.{name}", "is required when control.listen is set (mTLS is mandatory)")
+    for principal, methods in cfg.control.authorization.items():
+        for i, m in enumerate(methods):
+            if m != "*" and m not in METHODS:
+                raise ConfigError(f"control.authorization.{principal}[{i}]", f"unknown method {m!r}")
+    if not 1024 <= cfg.control.max_message_bytes <= 4 * 1024 * 1024:
+        raise ConfigError("control.max_message_bytes", "must be between 1024 and 4194304")
+    if not 0 < cfg.control.max_deadline <= 600:
+        raise ConfigError("control.max_deadline", "must be between 0 and 600 seconds")
+    if not 0 <= cfg.control.unix_socket_mode <= 0o777:
+        raise ConfigError("control.unix_socket_mode", "must be a file mode such as 0o660")
+    for i, address in enumerate(cfg.challenge.listen):
+        _host_port(f"challenge.listen[{i}]", address)
+    if not 1 <= cfg.challenge.port <= 65535:
+        raise ConfigError("challenge.port", "must be a port number")
+    a = cfg.auth
+    if not 1 <= a.max_failures <= 100:
+        raise ConfigError("auth.max_failures", "must be 1 to 100")
+    if not 0 <= a.free_failures <= a.max_failures:
+        raise ConfigError("auth.free_failures", "must be between 0 and auth.max_failures")
+    if not 0 < a.base_delay <= a.max_delay:
+        raise ConfigError("auth.base_delay", "must be positive and at most auth.max_delay")
+    if a.max_delay > 3600:
+        raise ConfigError("auth.max_delay", "must be at most 3600 seconds")
+    return cfg
+
+
+def parse(text: str) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("(file)", f"not valid TOML: {exc}") from None
+    cfg = _section("", Config, data)
+    assert isinstance(cfg, Config)
+    return validate(cfg)
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError("(file)", f"cannot read {path}: {exc.strerror}") from None
+    return parse(text)

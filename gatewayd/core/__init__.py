@@ -1,0 +1,1 @@
+"""The pure core: state, transitions and policy decisions. Standard library only; no I/O, no clock."""

@@ -1,0 +1,115 @@
+"""Inputs to the core, named in the past tense. Time is never inside an event: it is passed to `handle`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gatewayd.core.model import Factor, Member, TeamPolicy
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    request_id: int | None = None
+    """Set when a caller waits for a `Reply` to this event."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerConfigured(Event):
+    """A peer is on the WireGuard interface (new, or its allowed IPs changed)."""
+
+    public_key: str
+    """WireGuard public key."""
+    allowed_ips: tuple[str, ...]
+    """Tunnel prefixes."""
+    endpoint: str | None = None
+    """Underlay endpoint, when known."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerUnconfigured(Event):
+    """A peer vanished from the WireGuard interface."""
+
+    public_key: str
+    """WireGuard public key."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class HandshakeSeen(Event):
+    """The peer completed a handshake at `at` (wall clock, as WireGuard reports it)."""
+
+    public_key: str
+    """WireGuard public key."""
+    at: float
+    """Handshake time."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointChanged(Event):
+    """The peer roamed to another underlay endpoint."""
+
+    public_key: str
+    """WireGuard public key."""
+    endpoint: str | None
+    """New endpoint."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DisconnectRequested(Event):
+    """The control plane asked for a step-up: exactly one of member_id or public_key is set."""
+
+    member_id: str | None = None
+    """All peers of this member."""
+    public_key: str | None = None
+    """One peer."""
+    reason: str = ""
+    """Free text for the event."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeamPolicyApplied(Event):
+    """A new (already validated, newer) team policy."""
+
+    policy: TeamPolicy
+    """The policy."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemberUpserted(Event):
+    """A member was created or changed (team, role, peers, enrolled factors, lock)."""
+
+    member: Member
+    """The member as it is now."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemberRemoved(Event):
+    """A member and its mapping are gone."""
+
+    member_id: str
+    """Member id."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProofAccepted(Event):
+    """A factor verified for the peer at `verified_at`."""
+
+    public_key: str
+    """The peer that proved."""
+    factor: Factor
+    """The factor used."""
+    verified_at: float
+    """When the factor was verified; must not be older than the demand."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProofRefused(Event):
+    """A factor did not verify for the peer."""
+
+    public_key: str
+    """The peer that tried."""
+    factor: Factor
+    """The factor tried."""
+    reason: str
+    """Why (e.g. "wrong_code", "replayed", "unknown_code")."""
+    failures: int
+    """The member's consecutive failures after this one."""

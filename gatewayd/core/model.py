@@ -1,0 +1,176 @@
+"""Domain types shared by the core and everything around it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Scope(enum.Enum):
+    CONTROL_PANEL = "control_panel"
+    CLIENT_APP = "client_app"
+    BOTH = "both"
+
+
+class Roles(enum.Enum):
+    ADMINS = "admins"
+    MEMBERS = "members"
+    ALL = "all"
+
+
+class Role(enum.Enum):
+    ADMIN = "admin"
+    MEMBER = "member"
+
+
+class PeerState(enum.Enum):
+    AUTHORIZED = "authorized"
+    QUARANTINED = "quarantined"
+    LOCKED = "locked"
+
+
+class ProofKind(enum.Enum):
+    OTP = "otp"
+    """A TOTP code or a backup code."""
+    DEVICE = "device"
+    """A user-verified device-key assertion."""
+
+
+class Factor(enum.Enum):
+    TOTP = "totp"
+    BACKUP_CODE = "backup_code"
+    DEVICE = "device"
+
+
+FACTOR_PROVES: dict[Factor, ProofKind] = {
+    Factor.TOTP: ProofKind.OTP,
+    Factor.BACKUP_CODE: ProofKind.OTP,
+    Factor.DEVICE: ProofKind.DEVICE,
+}
+
+
+class LockedReason(enum.Enum):
+    FACTOR_LOCKED = "factor_locked"
+    """Too many consecutive failures; the control plane must unlock or re-enroll."""
+    NO_FACTOR = "no_factor"
+    """The member has no enrolled factor for what is owed."""
+    UNKNOWN_PEER = "unknown_peer"
+    """The peer is not mapped to any member."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeamPolicy:
+    team_id: str
+    """Team id."""
+    version: int
+    """Monotonic policy version."""
+    scope: Scope
+    """Where Team MFA applies."""
+    roles: Roles
+    """To whom Team MFA applies."""
+    totp_prior_connection: bool = False
+    """A new session owes an OTP proof."""
+    device_prior_connection: bool = False
+    """A new session owes a device proof."""
+    reverify_interval: float = 0.0
+    """Seconds after which an authorized peer's proof is stale; 0 = never."""
+
+    def applies_to(self, role: Role) -> bool:
+        """Whether Team MFA covers client-app connections of a member with this role."""
+        if self.scope is Scope.CONTROL_PANEL:
+            return False
+        if self.roles is Roles.ALL:
+            return True
+        return (self.roles is Roles.ADMINS) == (role is Role.ADMIN)
+
+    def named_proofs(self) -> frozenset[ProofKind]:
+        """The proofs the connection policies name."""
+        kinds = set()
+        if self.totp_prior_connection:
+            kinds.add(ProofKind.OTP)
+        if self.device_prior_connection:
+            kinds.add(ProofKind.DEVICE)
+        return frozenset(kinds)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Member:
+    member_id: str
+    """Member id."""
+    team_id: str
+    """The member's team."""
+    role: Role
+    """Role on the team."""
+    peers: frozenset[str] = frozenset()
+    """WireGuard public keys (base64) of the member's devices."""
+    factors: frozenset[Factor] = frozenset()
+    """Factors the member has enrolled and can use."""
+    locked: bool = False
+    """Factors locked after too many consecutive failures."""
+
+
+@dataclass(kw_only=True)
+class Peer:
+    """One WireGuard peer as the core tracks it. Mutated only by `core.session`."""
+
+    public_key: str
+    """WireGuard public key, canonical base64."""
+    member_id: str | None = None
+    """The member the key is mapped to, if any."""
+    present: bool = False
+    """Configured on the WireGuard interface."""
+    allowed_ips: tuple[str, ...] = ()
+    """Tunnel prefixes (CIDR)."""
+    endpoint: str | None = None
+    """Current underlay endpoint."""
+    last_handshake: float | None = None
+    """Wall-clock time of the latest completed handshake."""
+    session_live: bool = False
+    """A handshake happened less than WireGuard's reject-after time ago."""
+    session_started_at: float | None = None
+    """Handshake time that started the current session."""
+    state: PeerState | None = None
+    """Enforcement state; None until first decided."""
+    owes: frozenset[ProofKind] = frozenset()
+    """Proofs still owed."""
+    owes_since: float | None = None
+    """Time of the demand that the owed proofs must be newer than."""
+    proven_at: float | None = None
+    """Time of the latest accepted proof that released the peer."""
+    locked_reason: LockedReason | None = None
+    """Why the peer is locked."""
+    proofs: dict[ProofKind, float] = field(default_factory=dict)
+    """Proofs accepted since the current demand."""
+    step_up: bool = False
+    """The current demand is a step-up (Disconnect or re-verification), not a connection policy."""
+
+    @property
+    def enforced(self) -> bool:
+        """Whether the peer's tunnel addresses belong in the quarantine sets."""
+        return self.state in (PeerState.QUARANTINED, PeerState.LOCKED)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerRecord:
+    """The persisted part of a Peer."""
+
+    public_key: str
+    """WireGuard public key."""
+    state: PeerState
+    """Enforcement state."""
+    owes: frozenset[ProofKind]
+    """Proofs still owed."""
+    owes_since: float | None
+    """Time of the demand."""
+    proven_at: float | None
+    """Latest proof time."""
+    locked_reason: LockedReason | None
+    """Why locked."""
+    allowed_ips: tuple[str, ...]
+    """Tunnel prefixes last seen (so enforcement survives a restart before the first poll)."""
+    session_started_at: float | None
+    """Start of the current session."""
+    last_handshake: float | None
+    """Latest handshake seen."""
+    step_up: bool
+    """The demand is a step-up."""

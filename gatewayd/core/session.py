@@ -1,0 +1,602 @@
+"""The gateway state machine. Everything that changes a peer's enforcement state lives in this file.
+
+A peer's state moves only through `TRANSITIONS`; any other move is a bug and raises. A peer that owes a
+proof leaves quarantine only through SATISFY, which requires an accepted proof of every owed kind, each
+verified no earlier than the demand it answers. WAIVE exists for one case only: a peer locked solely because
+no member was mapped to it (it owed nothing) that gets mapped to a member who owes nothing on connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from gatewayd.core import events as ev
+from gatewayd.core import policy
+from gatewayd.core.commands import (
+    Command,
+    FlushFlows,
+    ForgetPeer,
+    Publish,
+    Quarantine,
+    Release,
+    Reply,
+    ResetPeerSession,
+    SavePeer,
+)
+from gatewayd.core.model import (
+    FACTOR_PROVES,
+    LockedReason,
+    Member,
+    Peer,
+    PeerRecord,
+    PeerState,
+    TeamPolicy,
+)
+
+# WireGuard protocol timers (whitepaper, section 6.1).
+REKEY_AFTER_TIME = 120.0
+REJECT_AFTER_TIME = 180.0
+
+
+class Trigger(enum.Enum):
+    ADMIT = "admit"
+    """Nothing is owed: forward the peer's traffic."""
+    DEMAND = "demand"
+    """A proof is owed and the member can give it."""
+    LOCK = "lock"
+    """A proof is owed that cannot be given now, or no member is mapped."""
+    SATISFY = "satisfy"
+    """Every owed proof was accepted after the demand."""
+    WAIVE = "waive"
+    """A peer that owed nothing (locked only as unmapped) was mapped to a member who owes nothing."""
+
+
+A, Q, L = PeerState.AUTHORIZED, PeerState.QUARANTINED, PeerState.LOCKED
+
+TRANSITIONS: dict[tuple[PeerState | None, Trigger], PeerState] = {
+    (None, Trigger.ADMIT): A,
+    (A, Trigger.ADMIT): A,
+    (None, Trigger.DEMAND): Q,
+    (A, Trigger.DEMAND): Q,
+    (Q, Trigger.DEMAND): Q,
+    (L, Trigger.DEMAND): Q,
+    (None, Trigger.LOCK): L,
+    (A, Trigger.LOCK): L,
+    (Q, Trigger.LOCK): L,
+    (L, Trigger.LOCK): L,
+    (Q, Trigger.SATISFY): A,
+    (L, Trigger.WAIVE): A,
+}
+
+
+class CoreBug(Exception):
+    """The core was driven in a way its own rules forbid (our bug, not the caller's input)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoreConfig:
+    quarantine_unknown_peers: bool = True
+    """Peers not mapped to any member are locked in quarantine."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DisconnectOutcome:
+    """The answer to a DisconnectRequested."""
+
+    sessions_cut: int
+    """Peers whose live session was cut."""
+    peers_quarantined: int
+    """Peers now owing a proof because of the request."""
+    cause: str | None
+    """"unknown_subject" or "session_context_not_found" when nothing matched."""
+    warnings: tuple[str, ...]
+    """Warnings for the caller."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyOutcome:
+    """The answer to a TeamPolicyApplied."""
+
+    peers_quarantined: int
+    """Peers that owe a proof because of the new policy."""
+    warnings: tuple[str, ...]
+    """Warnings for the caller."""
+
+
+def no_connection_policy_warning(team_id: str) -> str:
+    return (
+        f"team {team_id!r} has neither totp_prior_connection nor device_prior_connection: its client apps "
+        "will not prompt by themselves after a Disconnect; the gateway still holds the peers in quarantine "
+        "until the member proves"
+    )
+
+
+class Gateway:
+    """All peers, members and team policies of one gateway, and the rules that move peers between states."""
+
+    def __init__(self, config: CoreConfig | None = None) -> None:
+        self.config = config or CoreConfig()
+        self.teams: dict[str, TeamPolicy] = {}
+        self.members: dict[str, Member] = {}
+        self.peers: dict[str, Peer] = {}
+        self._owner: dict[str, str] = {}
+        self._timers: list[tuple[float, str]] = []
+
+    # ---- restoring and reading --------------------------------------------------------------------
+
+    def restore(
+        self, teams: Iterable[TeamPolicy], members: Iterable[Member], records: Iterable[PeerRecord]
+    ) -> None:
+        """Load persisted state. Only valid on a fresh Gateway."""
+        if self.peers or self.members or self.teams:
+            raise CoreBug("restore on a used Gateway")
+        for team in teams:
+            self.teams[team.team_id] = team
+        for member in members:
+            self.members[member.member_id] = member
+            for key in member.peers:
+                self._owner[key] = member.member_id
+        for rec in records:
+            peer = Peer(
+                public_key=rec.public_key,
+                member_id=self._owner.get(rec.public_key),
+                allowed_ips=rec.allowed_ips,
+                state=rec.state,
+                owes=rec.owes,
+                owes_since=rec.owes_since,
+                proven_at=rec.proven_at,
+                locked_reason=rec.locked_reason,
+                session_started_at=rec.session_started_at,
+                last_handshake=rec.last_handshake,
+                step_up=rec.step_up,
+            )
+            self.peers[rec.public_key] = peer
+        for key, member_id in self._owner.items():
+            if key not in self.peers:
+                self.peers[key] = Peer(public_key=key, member_id=member_id)
+        for peer in self.peers.values():
+            self._arm(peer)
+
+    def enforced_prefixes(self) -> set[str]:
+        """Every prefix that belongs in the quarantine sets now."""
+        return {p for peer in self.peers.values() if peer.enforced for p in peer.allowed_ips}
+
+    def peer_for_address(self, address: str) -> Peer | None:
+        """The configured peer whose allowed IPs contain `address` (a tunnel source address)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return None
+        best: tuple[int, Peer] | None = None
+        for peer in self.peers.values():
+            if not peer.present:
+                continue
+            for prefix in peer.allowed_ips:
+                net = ipaddress.ip_network(prefix, strict=False)
+                if ip.version == net.version and ip in net and (best is None or net.prefixlen > best[0]):
+                    best = (net.prefixlen, peer)
+        return best[1] if best else None
+
+    def member_of(self, peer: Peer) -> Member | None:
+        return self.members.get(peer.member_id) if peer.member_id else None
+
+    def policy_of(self, member: Member | None) -> TeamPolicy | None:
+        return self.teams.get(member.team_id) if member else None
+
+    # ---- the timer --------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When `handle_timer` must next be called, or None."""
+        while self._timers:
+            when, key = self._timers[0]
+            peer = self.peers.get(key)
+            if peer is not None and self._deadline(peer) == when:
+                return when
+            heapq.heappop(self._timers)
+        return None
+
+    def handle_timer(self, now: float) -> list[Command]:
+        out: list[Command] = []
+        while (when := self.next_deadline()) is not None and when <= now:
+            _, key = heapq.heappop(self._timers)
+            peer = self.peers[key]
+            if peer.session_live and peer.last_handshake is not None and (
+                now >= peer.last_handshake + REJECT_AFTER_TIME
+            ):
+                self._end_session(peer, now, out)
+            self._reverify_if_stale(peer, now, out)
+            self._arm(peer)
+        return out
+
+    def _deadline(self, peer: Peer) -> float | None:
+        candidates = []
+        if peer.session_live and peer.last_handshake is not None:
+            candidates.append(peer.last_handshake + REJECT_AFTER_TIME)
+        interval = self._reverify_interval(peer)
+        if peer.state is A and interval and peer.proven_at is not None:
+            candidates.append(peer.proven_at + interval)
+        return min(candidates) if candidates else None
+
+    def _arm(self, peer: Peer) -> None:
+        when = self._deadline(peer)
+        if when is not None:
+            heapq.heappush(self._timers, (when, peer.public_key))
+
+    def _reverify_interval(self, peer: Peer) -> float:
+        team = self.policy_of(self.member_of(peer))
+        return team.reverify_interval if team else 0.0
+
+    # ---- events -----------------------------------------------------------------------------------
+
+    def handle(self, event: ev.Event, now: float) -> list[Command]:
+        """Feed one event; returns the commands to execute, in order."""
+        out: list[Command] = []
+        match event:
+            case ev.PeerConfigured():
+                self._on_peer_configured(event, now, out)
+            case ev.PeerUnconfigured():
+                self._on_peer_unconfigured(event, out)
+            case ev.HandshakeSeen():
+                self._on_handshake(event, now, out)
+            case ev.EndpointChanged():
+                self._on_endpoint(event, out)
+            case ev.DisconnectRequested():
+                self._on_disconnect(event, now, out)
+            case ev.TeamPolicyApplied():
+                self._on_policy(event, now, out)
+            case ev.MemberUpserted():
+                self._on_member_upserted(event, now, out)
+            case ev.MemberRemoved():
+                self._on_member_removed(event, now, out)
+            case ev.ProofAccepted():
+                self._on_proof_accepted(event, now, out)
+            case ev.ProofRefused():
+                self._on_proof_refused(event, out)
+            case _:
+                raise CoreBug(f"unknown event {event!r}")
+        return out
+
+    def _on_peer_configured(self, e: ev.PeerConfigured, now: float, out: list[Command]) -> None:
+        peer = self.peers.get(e.public_key)
+        if peer is None:
+            peer = self.peers[e.public_key] = Peer(
+                public_key=e.public_key, member_id=self._owner.get(e.public_key)
+            )
+        was_present, old_ips = peer.present, peer.allowed_ips
+        peer.present, peer.allowed_ips = True, tuple(e.allowed_ips)
+        if e.endpoint is not None:
+            peer.endpoint = e.endpoint
+        if peer.enforced:
+            added = tuple(p for p in peer.allowed_ips if p not in old_ips)
+            removed = tuple(p for p in old_ips if p not in peer.allowed_ips)
+            if added:
+                out.append(Quarantine(prefixes=added))
+            if removed:
+                out.append(Release(prefixes=removed))
+        if not was_present:
+            out.append(self._publish("peer.configured", peer, allowed_ips=list(peer.allowed_ips)))
+        if peer.state is None:
+            self._reassess(peer, now, out)
+        else:
+            out.append(self._save(peer))
+
+    def _on_peer_unconfigured(self, e: ev.PeerUnconfigured, out: list[Command]) -> None:
+        peer = self.peers.get(e.public_key)
+        if peer is None or not peer.present:
+            return
+        if peer.enforced and peer.allowed_ips:
+            out.append(Release(prefixes=peer.allowed_ips))
+        peer.present, peer.session_live = False, False
+        out.append(self._publish("peer.unconfigured", peer))
+        if peer.member_id is None and not peer.owes:
+            del self.peers[peer.public_key]
+            out.append(ForgetPeer(public_key=peer.public_key))
+            return
+        # Keep the demand: a peer that comes back still owes what it owed. Its prefixes are forgotten so
+        # that they can be reused by another peer.
+        peer.allowed_ips = ()
+        out.append(self._save(peer))
+
+    def _on_handshake(self, e: ev.HandshakeSeen, now: float, out: list[Command]) -> None:
+        peer = self.peers.get(e.public_key)
+        if peer is None or (peer.last_handshake is not None and e.at <= peer.last_handshake):
+            return
+        previous = peer.last_handshake if peer.session_live else None
+        peer.last_handshake = e.at
+        # A rekey comes no earlier than REKEY_AFTER_TIME into a live session. Anything else is a new
+        # session: the first after an expiry, or a client that restarted and handshook afresh.
+        new_session = previous is None or e.at - previous < REKEY_AFTER_TIME
+        peer.session_live = now < e.at + REJECT_AFTER_TIME
+        if new_session:
+            peer.session_started_at = e.at
+            out.append(self._publish("session.started", peer, handshake_at=e.at))
+            if peer.state is A:
+                demand = policy.for_new_session(
+                    self.policy_of(self.member_of(peer)),
+                    self.member_of(peer),
+                    quarantine_unknown=self.config.quarantine_unknown_peers,
+                )
+                if not demand.nothing:
+                    self._require(peer, demand, now, out, step_up=False)
+        out.append(self._save(peer))
+        self._arm(peer)
+
+    def _on_endpoint(self, e: ev.EndpointChanged, out: list[Command]) -> None:
+        peer = self.peers.get(e.public_key)
+        if peer is None or peer.endpoint == e.endpoint:
+            return
+        old, peer.endpoint = peer.endpoint, e.endpoint
+        out.append(self._publish("endpoint.changed", peer, old=old, new=e.endpoint))
+
+    def _end_session(self, peer: Peer, now: float, out: list[Command]) -> None:
+        peer.session_live = False
+        out.append(self._publish("session.ended", peer, last_handshake=peer.last_handshake))
+        if peer.state is A:
+            # The next session must pay before its first packet: demand now, while nothing flows.
+            member = self.member_of(peer)
+            demand = policy.for_new_session(
+                self.policy_of(member), member, quarantine_unknown=self.config.quarantine_unknown_peers
+            )
+            if not demand.nothing:
+                self._require(peer, demand, now, out, step_up=False)
+        out.append(self._save(peer))
+
+    def _reverify_if_stale(self, peer: Peer, now: float, out: list[Command]) -> None:
+        interval = self._reverify_interval(peer)
+        if peer.state is A and interval and peer.proven_at is not None and now >= peer.proven_at + interval:
+            member = self.member_of(peer)
+            self._require(peer, policy.for_step_up(self.policy_of(member), member), now, out, step_up=True)
+            out.append(self._publish("peer.reverify_due", peer, proven_at=peer.proven_at))
+
+    def _on_disconnect(self, e: ev.DisconnectRequested, now: float, out: list[Command]) -> None:
+        warnings: list[str] = []
+        targets: list[Peer]
+        if e.member_id is not None:
+            member = self.members.get(e.member_id)
+            if member is None:
+                self._reply(e, out, DisconnectOutcome(
+                    sessions_cut=0, peers_quarantined=0, cause="unknown_subject", warnings=()))
+                return
+            targets = [self.peers[k] for k in sorted(member.peers) if k in self.peers]
+        else:
+            peer = self.peers.get(e.public_key or "")
+            if peer is None:
+                self._reply(e, out, DisconnectOutcome(
+                    sessions_cut=0, peers_quarantined=0, cause="unknown_subject", warnings=()))
+                return
+            targets = [peer]
+            member = self.member_of(peer)
+        if not targets:
+            self._reply(e, out, DisconnectOutcome(
+                sessions_cut=0, peers_quarantined=0, cause="session_context_not_found", warnings=()))
+            return
+        team = self.policy_of(member)
+        if member is not None and (team is None or not team.named_proofs()):
+            warnings.append(no_connection_policy_warning(member.team_id))
+        cut = 0
+        for peer in targets:
+            demand = policy.for_step_up(team, member)
+            self._require(peer, demand, now, out, step_up=True)
+            if demand.locked is not None:
+                warnings.append(f"peer {peer.public_key} is locked in quarantine: {demand.locked.value}")
+            if peer.present:
+                out.append(ResetPeerSession(public_key=peer.public_key))
+                if peer.allowed_ips:
+                    out.append(FlushFlows(prefixes=peer.allowed_ips))
+                if peer.session_live:
+                    cut += 1
+                peer.session_live = False
+            out.append(self._save(peer))
+        subject = f"member/{member.member_id}" if member else f"peer/{targets[0].public_key}"
+        out.append(Publish(type="disconnect.executed", subject=subject, data={
+            "reason": e.reason,
+            "peers": [p.public_key for p in targets],
+            "sessions_cut": cut,
+        }))
+        self._reply(e, out, DisconnectOutcome(
+            sessions_cut=cut, peers_quarantined=len(targets), cause=None,
+            warnings=tuple(dict.fromkeys(warnings))))
+
+    def _on_policy(self, e: ev.TeamPolicyApplied, now: float, out: list[Command]) -> None:
+        team = e.policy
+        current = self.teams.get(team.team_id)
+        if current is not None and team.version <= current.version:
+            raise CoreBug("stale policy must be refused before it reaches the core")
+        self.teams[team.team_id] = team
+        out.append(Publish(type="policy.applied", subject=f"team/{team.team_id}", data={
+            "version": team.version,
+            "scope": team.scope.value,
+            "roles": team.roles.value,
+            "totp_prior_connection": team.totp_prior_connection,
+            "device_prior_connection": team.device_prior_connection,
+            "reverify_interval_seconds": team.reverify_interval,
+        }))
+        quarantined = 0
+        for member in self.members.values():
+            if member.team_id != team.team_id:
+                continue
+            for key in sorted(member.peers):
+                peer = self.peers.get(key)
+                if peer is None:
+                    continue
+                if peer.state is A and peer.present:
+                    demand = policy.for_new_session(team, member,
+                                                    quarantine_unknown=self.config.quarantine_unknown_peers)
+                    proven_now = (peer.proven_at is not None and peer.session_started_at is not None
+                                  and peer.proven_at >= peer.session_started_at)
+                    if demand.owes and not proven_now:
+                        self._require(peer, demand, now, out, step_up=False)
+                        quarantined += 1
+                        out.append(self._save(peer))
+                else:
+                    self._reassess(peer, now, out)
+                self._arm(peer)
+        warnings = () if team.named_proofs() else (no_connection_policy_warning(team.team_id),)
+        self._reply(e, out, PolicyOutcome(peers_quarantined=quarantined, warnings=warnings))
+
+    def _on_member_upserted(self, e: ev.MemberUpserted, now: float, out: list[Command]) -> None:
+        member = e.member
+        old = self.members.get(member.member_id)
+        self.members[member.member_id] = member
+        touched: set[str] = set(member.peers)
+        if old is not None:
+            touched |= old.peers
+            for key in old.peers - member.peers:
+                if self._owner.get(key) == member.member_id:
+                    del self._owner[key]
+        for key in member.peers:
+            other = self._owner.get(key)
+            if other is not None and other != member.member_id:
+                raise CoreBug("a peer key mapped to two members must be refused at the edge")
+            self._owner[key] = member.member_id
+        out.append(Publish(type="member.upserted", subject=f"member/{member.member_id}", data={
+            "team_id": member.team_id,
+            "role": member.role.value,
+            "peers": sorted(member.peers),
+            "factors": sorted(f.value for f in member.factors),
+            "locked": member.locked,
+        }))
+        for key in sorted(touched):
+            peer = self.peers.get(key)
+            if peer is None:
+                if key not in member.peers:
+                    continue
+                peer = self.peers[key] = Peer(public_key=key)
+            peer.member_id = self._owner.get(key)
+            self._reassess(peer, now, out)
+
+    def _on_member_removed(self, e: ev.MemberRemoved, now: float, out: list[Command]) -> None:
+        member = self.members.pop(e.member_id, None)
+        if member is None:
+            return
+        out.append(Publish(type="member.removed", subject=f"member/{member.member_id}", data={}))
+        for key in sorted(member.peers):
+            self._owner.pop(key, None)
+            peer = self.peers.get(key)
+            if peer is None:
+                continue
+            peer.member_id = None
+            if not peer.present and not peer.owes:
+                del self.peers[key]
+                out.append(ForgetPeer(public_key=key))
+                continue
+            self._reassess(peer, now, out)
+
+    def _on_proof_accepted(self, e: ev.ProofAccepted, now: float, out: list[Command]) -> None:
+        peer = self.peers.get(e.public_key)
+        kind = FACTOR_PROVES[e.factor]
+        if peer is None or peer.state is not Q or kind not in peer.owes:
+            self._reply(e, out, False)
+            return
+        if peer.owes_since is None or e.verified_at < peer.owes_since:
+            # Verified before the current demand: it answers an older one.
+            self._reply(e, out, False)
+            return
+        peer.proofs[kind] = e.verified_at
+        out.append(self._publish("proof.accepted", peer, factor=e.factor.value, kind=kind.value))
+        if peer.owes <= peer.proofs.keys():
+            peer.proven_at = now
+            self._transition(peer, Trigger.SATISFY, out)
+            peer.owes, peer.owes_since, peer.proofs, peer.step_up = frozenset(), None, {}, False
+            out.append(self._publish("peer.released", peer))
+        out.append(self._save(peer))
+        self._arm(peer)
+        self._reply(e, out, True)
+
+    def _on_proof_refused(self, e: ev.ProofRefused, out: list[Command]) -> None:
+        peer = self.peers.get(e.public_key)
+        if peer is None:
+            return
+        out.append(self._publish("proof.refused", peer, factor=e.factor.value, reason=e.reason,
+                                 failures=e.failures))
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    def _reassess(self, peer: Peer, now: float, out: list[Command]) -> None:
+        """Decide or re-decide a peer's state after its member, team or presence changed."""
+        member = self.member_of(peer)
+        team = self.policy_of(member)
+        unknown = self.config.quarantine_unknown_peers
+        if peer.state is None or (peer.enforced and not peer.owes):
+            demand = policy.for_new_session(team, member, quarantine_unknown=unknown)
+            if demand.nothing:
+                self._transition(peer, Trigger.WAIVE if peer.state is L else Trigger.ADMIT, out)
+                peer.locked_reason = None
+            else:
+                self._require(peer, demand, now, out, step_up=False)
+        elif peer.enforced:
+            if member is None:
+                demand = policy.Demand(owes=peer.owes, locked=LockedReason.UNKNOWN_PEER)
+            else:
+                fresh = (policy.for_step_up(team, member) if peer.step_up
+                         else policy.for_new_session(team, member, quarantine_unknown=unknown))
+                # If the policy stopped naming a proof, what was owed stays owed (fail closed).
+                owes = fresh.owes or peer.owes
+                demand = policy.Demand(owes=owes, locked=policy.lock_reason(member, owes))
+            if demand.owes != peer.owes or demand.locked != peer.locked_reason:
+                peer.owes, peer.locked_reason = demand.owes, demand.locked
+                peer.proofs = {k: t for k, t in peer.proofs.items() if k in demand.owes}
+                self._transition(peer, Trigger.LOCK if demand.locked else Trigger.DEMAND, out)
+        elif member is None and unknown:
+            self._require(peer, policy.Demand(owes=frozenset(), locked=LockedReason.UNKNOWN_PEER), now, out,
+                          step_up=False)
+        out.append(self._save(peer))
+        self._arm(peer)
+
+    def _require(self, peer: Peer, demand: policy.Demand, now: float, out: list[Command], *,
+                 step_up: bool) -> None:
+        """Make the peer owe `demand` from `now` on: earlier proofs no longer count."""
+        peer.owes, peer.owes_since, peer.proofs = demand.owes, now, {}
+        peer.locked_reason, peer.step_up = demand.locked, step_up or peer.step_up
+        self._transition(peer, Trigger.LOCK if demand.locked else Trigger.DEMAND, out)
+
+    def _transition(self, peer: Peer, trigger: Trigger, out: list[Command]) -> None:
+        new = TRANSITIONS.get((peer.state, trigger))
+        if new is None:
+            raise CoreBug(f"no transition from {peer.state} on {trigger}")
+        was_enforced, old = peer.enforced, peer.state
+        peer.state = new
+        if peer.allowed_ips and peer.enforced != was_enforced:
+            cls = Quarantine if peer.enforced else Release
+            out.append(cls(prefixes=peer.allowed_ips))
+        if new is not old or trigger in (Trigger.DEMAND, Trigger.LOCK):
+            if new is Q:
+                out.append(self._publish("peer.quarantined", peer, owes=sorted(k.value for k in peer.owes)))
+            elif new is L and (old is not L or trigger is Trigger.LOCK):
+                reason = peer.locked_reason.value if peer.locked_reason else None
+                out.append(self._publish("peer.locked", peer, reason=reason))
+            elif new is A and trigger is not Trigger.SATISFY:
+                out.append(self._publish("peer.admitted", peer))
+
+    def _publish(self, type_: str, peer: Peer, **data: object) -> Publish:
+        data = {"peer": peer.public_key, "member_id": peer.member_id, **data}
+        return Publish(type=type_, subject=f"peer/{peer.public_key}", data=data)
+
+    def _save(self, peer: Peer) -> SavePeer:
+        if peer.state is None:
+            raise CoreBug("saving an undecided peer")
+        return SavePeer(record=record_of(peer))
+
+    def _reply(self, e: ev.Event, out: list[Command], value: object) -> None:
+        if e.request_id is not None:
+            out.append(Reply(request_id=e.request_id, value=value))
+
+
+def record_of(peer: Peer) -> PeerRecord:
+    assert peer.state is not None
+    return PeerRecord(
+        public_key=peer.public_key,
+        state=peer.state,
+        owes=peer.owes,
+        owes_since=peer.owes_since,
+        proven_at=peer.proven_at,
+        locked_reason=peer.locked_reason,
+        allowed_ips=peer.allowed_ips,
+        session_started_at=peer.session_started_at,
+        last_handshake=peer.last_handshake,
+        step_up=peer.step_up,
+    )

@@ -1,0 +1,53 @@
+"""WireGuard interface snapshots and the events that tell one snapshot from the next. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gatewayd.core import events as ev
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerSnapshot:
+    public_key: str
+    """WireGuard public key, canonical base64."""
+    endpoint: str | None
+    """Underlay endpoint "ip:port" / "[ip6]:port", None if unknown."""
+    allowed_ips: tuple[str, ...]
+    """Allowed IPs, CIDR."""
+    last_handshake: float | None
+    """Wall-clock time of the latest handshake, None if never."""
+    rx_bytes: int
+    """Bytes received."""
+    tx_bytes: int
+    """Bytes sent."""
+    keepalive: int
+    """Persistent keepalive interval in seconds, 0 = off."""
+    preshared_key: bytes | None = None
+    """Preshared key, kept only to restore the peer after a session reset; never logged or persisted."""
+
+    def __repr__(self) -> str:
+        return (f"PeerSnapshot({self.public_key}, endpoint={self.endpoint}, allowed_ips={self.allowed_ips}, "
+                f"last_handshake={self.last_handshake})")
+
+
+Snapshot = Mapping[str, PeerSnapshot]
+
+
+def diff(old: Snapshot, new: Snapshot) -> list[ev.Event]:
+    """Events that turn `old` into `new`: peers added or removed, allowed IPs, endpoints, handshakes."""
+    out: list[ev.Event] = []
+    for key in sorted(old.keys() - new.keys()):
+        out.append(ev.PeerUnconfigured(public_key=key))
+    for key in sorted(new):
+        cur, prev = new[key], old.get(key)
+        if prev is None or prev.allowed_ips != cur.allowed_ips:
+            out.append(ev.PeerConfigured(public_key=key, allowed_ips=cur.allowed_ips, endpoint=cur.endpoint))
+        elif prev.endpoint != cur.endpoint:
+            out.append(ev.EndpointChanged(public_key=key, endpoint=cur.endpoint))
+        if cur.last_handshake is not None and (
+            prev is None or prev.last_handshake is None or cur.last_handshake > prev.last_handshake
+        ):
+            out.append(ev.HandshakeSeen(public_key=key, at=cur.last_handshake))
+    return out

@@ -1,0 +1,37 @@
+"""Two error families, as in h11: the caller's bad or untimely request (answered with a status), and our bug.
+
+`Refused` carries a status hint named like gRPC's codes so that adapters translate it without guessing.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.Enum):
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    ABORTED = "ABORTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+
+
+class Refused(Exception):
+    """The request is not carried out; nothing was written."""
+
+    def __init__(self, status: Status, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.status = status
+        self.field = field
+
+
+def invalid(field: str, message: str) -> Refused:
+    return Refused(Status.INVALID_ARGUMENT, message, field=field)
+
+
+class EnforcementFailed(Exception):
+    """The kernel refused an enforcement change; the driver keeps retrying until it holds."""

@@ -1,0 +1,1 @@
+"""The runtime: the driver that owns the core, the operations it runs, and the daemon around it."""

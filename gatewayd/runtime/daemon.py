@@ -1,0 +1,153 @@
+"""The daemon: start-up order, the tracking loop, listeners, signals and shutdown.
+
+Start-up: open the store, restore the core, reconcile the kernel's quarantine sets with it (one
+transaction), read the WireGuard interface once and feed what changed, start the listeners, then report
+READY. Stop: close listeners with a bounded grace, stop the driver, close the store. The nftables table is
+left in place: a stopped daemon keeps quarantined peers quarantined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from gatewayd.adapters.grpc.listeners import (
+    Authorizer,
+    ListenerLimits,
+    TlsFiles,
+    challenge_server,
+    control_server,
+)
+from gatewayd.adapters.grpc.services import ChallengeService, ControlService
+from gatewayd.adapters.sqlite_store import SecretBox, Store
+from gatewayd.auth.limits import AttemptPolicy
+from gatewayd.config import Config
+from gatewayd.core.session import CoreConfig, Gateway
+from gatewayd.core.tracking import diff
+from gatewayd.ports import Enforcer, FlowTable, PeerSource
+from gatewayd.runtime.driver import Driver
+from gatewayd.runtime.operations import Operations
+from gatewayd.runtime.systemd import notify
+from gatewayd.runtime.tasks import spawn
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 5.0
+
+
+@dataclass
+class Adapters:
+    enforcer: Enforcer
+    source: PeerSource | None
+    flows: FlowTable | None
+
+
+def kernel_adapters(config: Config) -> Adapters:
+    """The real adapters: nftables, WireGuard (kernel genetlink or UAPI), conntrack."""
+    from gatewayd.adapters.conntrack import Conntrack
+    from gatewayd.adapters.nftables import NftEnforcer
+    from gatewayd.adapters.wireguard import open_source
+
+    return Adapters(
+        enforcer=NftEnforcer(table=config.enforcement.table, interface=config.wireguard.interface,
+                             challenge_port=config.challenge.port),
+        source=open_source(config.wireguard),
+        flows=Conntrack(),
+    )
+
+
+class Daemon:
+    def __init__(self, config: Config, adapters: Adapters, *, clock: Callable[[], float] = time.time,
+                 autopoll: bool = True) -> None:
+        self.config = config
+        self.autopoll = autopoll
+        self.adapters = adapters
+        self.clock = clock
+        self.store = Store(config.gateway.database, SecretBox.from_file(config.gateway.secrets_key_file))
+        self.core = Gateway(CoreConfig(quarantine_unknown_peers=config.gateway.quarantine_unknown_peers))
+        a = config.auth
+        self.ops = Operations(AttemptPolicy(max_failures=a.max_failures, free_failures=a.free_failures,
+                                            base_delay=a.base_delay, max_delay=a.max_delay))
+        self.driver = Driver(self.core, self.store, adapters.enforcer, adapters.source, adapters.flows,
+                             clock=clock, event_retention=config.gateway.event_retention)
+        self.control: grpc.aio.Server | None = None
+        self.challenge: grpc.aio.Server | None = None
+        self.challenge_ports: list[int] = []
+        self.control_port: int | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self.config.gateway.database.parent.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        teams, members, records = await self.store.load()
+        self.core.restore(teams, members, records)
+        await self.adapters.enforcer.reconcile(self.core.enforced_prefixes())
+        self._tasks.append(spawn(self.driver.run(), name="driver"))
+        if self.adapters.source is not None:
+            await self.poll_once()
+            if self.autopoll:
+                self._tasks.append(spawn(self._track(), name="tracker"))
+        c = self.config.control
+        limits = ListenerLimits(max_message_bytes=c.max_message_bytes, max_deadline=c.max_deadline)
+        tls = None
+        if c.listen:
+            assert c.tls_cert_file and c.tls_key_file and c.client_ca_file
+            tls = TlsFiles(cert=c.tls_cert_file, key=c.tls_key_file, client_ca=c.client_ca_file)
+        authorizer = Authorizer({p: frozenset(m) for p, m in c.authorization.items()}, c.unix_principal)
+        if c.listen or c.unix_socket:
+            self.control, self.control_port = await control_server(
+                ControlService(self.driver, self.ops), tcp=c.listen or None, tls=tls, unix_socket=c.unix_socket,
+                unix_mode=c.unix_socket_mode, authorizer=authorizer, limits=limits)
+        if self.config.challenge.listen:
+            self.challenge, self.challenge_ports = await challenge_server(
+                ChallengeService(self.driver, self.ops), self.config.challenge.listen, limits)
+        self.ready.set()
+        notify("READY=1\nSTATUS=enforcing")
+        log.info("gatewayd %s ready: %d peers, %d quarantined prefixes", self.config.gateway.id,
+                 len(self.core.peers), len(self.core.enforced_prefixes()))
+
+    async def poll_once(self) -> None:
+        assert self.adapters.source is not None
+        snapshot = await self.adapters.source.read()
+        events = diff(self.driver.snapshot, snapshot)
+        self.driver.snapshot = dict(snapshot)
+        if events:
+            await self.driver.submit(self.ops.feed(events))
+
+    async def _track(self) -> None:
+        interval = self.config.wireguard.poll_interval
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.poll_once()
+            except (OSError, ConnectionError) as exc:
+                log.warning("reading %s failed: %s", self.config.wireguard.interface, exc)
+
+    async def stop(self) -> None:
+        notify("STOPPING=1")
+        for server in (self.control, self.challenge):
+            if server is not None:
+                await server.stop(SHUTDOWN_GRACE)
+        for task in reversed(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.close()
+        log.info("gatewayd stopped; quarantine left in place")
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        await self.start()
+        try:
+            waiter = spawn(stop.wait(), name="stop-signal")
+            await asyncio.wait([waiter, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in self._tasks:
+                if task.done() and task.exception() is not None:
+                    raise RuntimeError(f"{task.get_name()} failed") from task.exception()
+        finally:
+            await self.stop()

@@ -1,0 +1,280 @@
+"""The driver: the one task that owns the core.
+
+It takes jobs from one queue in order and drains what has queued up into a batch. A batch runs in one SQLite
+transaction (each job in a savepoint, so a refused job leaves nothing), and its commands are executed
+together: quarantine additions, session resets and flow flushes first, then the commit (state and outbox),
+then releases, then the waiting callers are answered. Acknowledged therefore means enforced and committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gatewayd.core import events as ev
+from gatewayd.core.commands import (
+    Command,
+    FlushFlows,
+    ForgetPeer,
+    Publish,
+    Quarantine,
+    Release,
+    Reply,
+    ResetPeerSession,
+    SavePeer,
+)
+from gatewayd.core.model import PeerRecord
+from gatewayd.core.session import Gateway
+from gatewayd.core.tracking import PeerSnapshot
+from gatewayd.adapters.sqlite_store import Store, StoredEvent
+from gatewayd.errors import EnforcementFailed, Refused
+from gatewayd.ports import Enforcer, FlowTable, PeerSource
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 20_000
+
+
+class Batch:
+    """What the jobs of one batch produce. Handed to each job."""
+
+    def __init__(self, core: Gateway, store: Store, now: float) -> None:
+        self.core, self.store, self.now = core, store, now
+        self.commands: list[Command] = []
+        self._next_request = 0
+
+    def feed(self, event: ev.Event) -> Any:
+        """Hand an event to the core; returns the core's Reply value for it, if any."""
+        self._next_request += 1
+        rid = self._next_request
+        commands = self.core.handle(_with_request(event, rid), self.now)
+        reply = None
+        for cmd in commands:
+            if isinstance(cmd, Reply) and cmd.request_id == rid:
+                reply = cmd.value
+            else:
+                self.commands.append(cmd)
+        return reply
+
+    def publish(self, type_: str, subject: str, **data: Any) -> None:
+        self.commands.append(Publish(type=type_, subject=subject, data=data))
+
+
+def _with_request(event: ev.Event, rid: int) -> ev.Event:
+    from dataclasses import replace
+
+    return replace(event, request_id=rid)
+
+
+Job = Callable[[Batch], Awaitable[Any]]
+
+
+@dataclass
+class _Queued:
+    job: Job
+    future: asyncio.Future[Any]
+
+
+@dataclass
+class Watchers:
+    """Subscribers to events and to peer status changes."""
+
+    events: set[asyncio.Queue[StoredEvent]] = field(default_factory=set)
+    peers: dict[str, set[asyncio.Queue[None]]] = field(default_factory=dict)
+
+
+class Driver:
+    def __init__(
+        self,
+        core: Gateway,
+        store: Store,
+        enforcer: Enforcer,
+        source: PeerSource | None,
+        flows: FlowTable | None,
+        *,
+        clock: Callable[[], float] = time.time,
+        event_retention: int = 100_000,
+    ) -> None:
+        self.core, self.store, self.enforcer = core, store, enforcer
+        self.source, self.flows = source, flows
+        self.clock = clock
+        self.event_retention = event_retention
+        self.watchers = Watchers()
+        self.snapshot: dict[str, PeerSnapshot] = {}
+        self.batches = 0
+        """Batches executed; the watchdog checks that it moves."""
+        self.enforcement_healthy = True
+        self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
+        self._wake = asyncio.Event()
+
+    async def submit(self, job: Job) -> Any:
+        """Run `job` in the next batch; returns its result once its effects are enforced and committed."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Queued(job, fut))
+        # The caller may give up (deadline); the job still runs to completion in its batch.
+        return await asyncio.shield(fut)
+
+    def kick(self) -> None:
+        """Re-evaluate timers now (e.g. after the clock moved in tests)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            first = await self._next(self._timeout())
+            batch = [first] if first else []
+            while len(batch) < MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self.process(batch)
+
+    def _timeout(self) -> float | None:
+        deadline = self.core.next_deadline()
+        retry = None if self.enforcement_healthy else 1.0
+        if deadline is None:
+            return retry
+        wait = max(deadline - self.clock(), 0.0)
+        return wait if retry is None else min(wait, retry)
+
+    async def _next(self, timeout: float | None) -> _Queued | None:
+        get = asyncio.ensure_future(self._queue.get())
+        wake = asyncio.ensure_future(self._wake.wait())
+        try:
+            done, _ = await asyncio.wait({get, wake}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+            if not get.done():
+                get.cancel()
+        self._wake.clear()
+        if get in done:
+            return get.result()
+        if get.done() and not get.cancelled():
+            return get.result()
+        return None
+
+    async def process(self, queued: list[_Queued]) -> None:
+        now = self.clock()
+        batch = Batch(self.core, self.store, now)
+        results: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
+        await self.store.begin()
+        try:
+            for item in queued:
+                mark = len(batch.commands)
+                fed = batch._next_request
+                await self.store.savepoint()
+                try:
+                    value = await item.job(batch)
+                except Refused as exc:
+                    if batch._next_request != fed or len(batch.commands) != mark:
+                        raise RuntimeError("a job refused after it changed the core") from exc
+                    await self.store.rollback_savepoint()
+                    results.append((item.future, exc, None))
+                else:
+                    await self.store.release_savepoint()
+                    results.append((item.future, None, value))
+            batch.commands.extend(self.core.handle_timer(now))
+            failure = await self._execute(batch)
+        except BaseException as exc:
+            for item in queued:
+                if not item.future.done():
+                    item.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
+            raise
+        self.batches += 1
+        for fut, exc, value in results:
+            if fut.done():
+                continue
+            if exc is not None:
+                fut.set_exception(exc)
+            elif failure is not None:
+                fut.set_exception(failure)
+            else:
+                fut.set_result(value)
+
+    async def _execute(self, batch: Batch) -> EnforcementFailed | None:
+        adds: dict[str, bool] = {}
+        resets: list[PeerSnapshot] = []
+        flushes: list[str] = []
+        saves: dict[str, PeerRecord] = {}
+        forgets: list[str] = []
+        events: list[StoredEvent] = []
+        for cmd in batch.commands:
+            match cmd:
+                case Quarantine():
+                    adds.update(dict.fromkeys(cmd.prefixes, True))
+                case Release():
+                    adds.update(dict.fromkeys(cmd.prefixes, False))
+                case ResetPeerSession():
+                    snap = self.snapshot.get(cmd.public_key)
+                    if snap is not None:
+                        resets.append(snap)
+                case FlushFlows():
+                    flushes.extend(cmd.prefixes)
+                case SavePeer():
+                    saves[cmd.record.public_key] = cmd.record
+                case ForgetPeer():
+                    saves.pop(cmd.public_key, None)
+                    forgets.append(cmd.public_key)
+                case Publish():
+                    events.append(StoredEvent(
+                        cursor=self.store.next_cursor + len(events), id=str(uuid.uuid4()), type=cmd.type,
+                        time=batch.now, subject=cmd.subject, data_json=json.dumps(cmd.data, sort_keys=True)))
+                case _:
+                    raise RuntimeError(f"unexpected command {cmd!r}")
+        held = self.enforcer.quarantined()
+        add = [p for p, on in adds.items() if on and p not in held]
+        remove = [p for p, on in adds.items() if not on and p in held]
+        failure: EnforcementFailed | None = None
+        try:
+            if add:
+                await self.enforcer.apply(add, ())
+            if resets and self.source is not None:
+                await self.source.reset_sessions(resets)
+            if flushes and self.flows is not None:
+                await self.flows.flush(flushes)
+        except Exception as exc:
+            log.error("enforcement failed; will retry: %s", exc)
+            failure = EnforcementFailed(str(exc))
+            self.enforcement_healthy = False
+        if saves:
+            await self.store.save_peers(saves.values())
+        if forgets:
+            await self.store.forget_peers(forgets)
+        if events:
+            await self.store.append_events(events)
+            self.store.next_cursor += len(events)
+            await self.store.prune_outbox(self.event_retention)
+        await self.store.commit()
+        for e in events:
+            log.info("event %s %s %s", e.type, e.subject, e.data_json)
+        try:
+            if remove and failure is None:
+                await self.enforcer.apply((), remove)
+        except Exception as exc:
+            # Fail closed: the peers stay quarantined until a reconcile succeeds.
+            log.error("release failed; will retry: %s", exc)
+            failure = EnforcementFailed(str(exc))
+            self.enforcement_healthy = False
+        if not self.enforcement_healthy:
+            await self.retry_reconcile()
+        self._notify(events, saves.keys())
+        return failure
+
+    async def retry_reconcile(self) -> None:
+        try:
+            await self.enforcer.reconcile(self.core.enforced_prefixes())
+        except Exception as exc:
+            log.error("reconcile failed; will retry: %s", exc)
+            return
+        self.enforcement_healthy = True
+
+    def _notify(self, events: list[StoredEvent], peers: Any) -> None:
+        for queue in self.watchers.events:
+            for e in events:
+                queue.put_nowait(e)
+        for key in peers:
+            for q in self.watchers.peers.get(key, ()):
+                q.put_nowait(None)

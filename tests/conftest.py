@@ -1,0 +1,31 @@
+"""Shared fixtures. Kernel-backed tests need root, nftables, network namespaces and wireguard-go: where those
+are missing they skip, except when GATEWAYD_REQUIRE_KERNEL=1 (set by .ci/run), where a skip is a failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+REQUIRE_KERNEL = os.environ.get("GATEWAYD_REQUIRE_KERNEL") == "1"
+
+
+def kernel_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", "nft", "wireguard-go", "wg", "conntrack"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("kernel") is None:
+        return
+    missing = kernel_missing()
+    if missing is None:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"kernel test cannot run here ({missing}) but GATEWAYD_REQUIRE_KERNEL=1")
+    pytest.skip(missing)

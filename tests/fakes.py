@@ -1,0 +1,58 @@
+"""In-memory implementations of the kernel ports, for tests of the runtime and the APIs only.
+The real adapters are tested against the kernel in tests/adapters and tests/e2e."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from gatewayd.core.tracking import PeerSnapshot
+
+
+class MemoryEnforcer:
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.transactions: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+        self.reconciles = 0
+        self.fail_next = False
+
+    async def reconcile(self, prefixes: Collection[str]) -> bool:
+        self.reconciles += 1
+        changed = self.held != set(prefixes)
+        self.held = set(prefixes)
+        return changed
+
+    async def apply(self, add: Sequence[str], remove: Sequence[str]) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected nftables failure")
+        self.transactions.append((tuple(add), tuple(remove)))
+        self.held |= set(add)
+        self.held -= set(remove)
+
+    def quarantined(self) -> frozenset[str]:
+        return frozenset(self.held)
+
+
+class MemorySource:
+    def __init__(self) -> None:
+        self.peers: dict[str, PeerSnapshot] = {}
+        self.resets: list[str] = []
+
+    def add(self, key: str, *ips: str, handshake: float | None = None) -> None:
+        self.peers[key] = PeerSnapshot(public_key=key, endpoint="192.0.2.1:51820", allowed_ips=tuple(ips),
+                                       last_handshake=handshake, rx_bytes=0, tx_bytes=0, keepalive=25)
+
+    async def read(self) -> dict[str, PeerSnapshot]:
+        return dict(self.peers)
+
+    async def reset_sessions(self, peers: Sequence[PeerSnapshot]) -> None:
+        self.resets.extend(p.public_key for p in peers)
+
+
+class MemoryFlows:
+    def __init__(self) -> None:
+        self.flushed: list[str] = []
+
+    async def flush(self, prefixes: Sequence[str]) -> int:
+        self.flushed.extend(prefixes)
+        return len(prefixes)

@@ -1,0 +1,155 @@
+"""A gatewayd daemon on loopback with in-memory kernel ports, a settable clock, and clients for its APIs."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pyotp
+import pytest_asyncio
+
+from gatewayd.config import (
+    AuthSection,
+    ChallengeSection,
+    Config,
+    ControlSection,
+    GatewaySection,
+    WireGuardSection,
+)
+from gatewayd.runtime.daemon import Adapters, Daemon
+from gatewayd.v1 import challenge_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
+from tests.fakes import MemoryEnforcer, MemoryFlows, MemorySource
+from tests.pki import Authority, write_server_files
+
+SECRET = b"0123456789abcdef0123"  # 160 bits
+
+
+def key(n: int) -> str:
+    """A distinct, valid WireGuard public key."""
+    return base64.b64encode(n.to_bytes(32, "big")).decode()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = float(int(time.time()) // 30 * 30 + 1)
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@dataclass
+class Harness:
+    daemon: Daemon
+    enforcer: MemoryEnforcer
+    source: MemorySource
+    flows: MemoryFlows
+    clock: Clock
+    tmp: Path
+    ca: Authority
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    def control(self, name: str = "controlplane.test", *, ca: Authority | None = None,
+                expired: bool = False, certificate: bool = True) -> control_pb2_grpc.ControlServiceStub:
+        issuer = ca or self.ca
+        cert, pkey = issuer.issue(name, expired=expired) if certificate else (None, None)
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca.pem, private_key=pkey,
+                                             certificate_chain=cert)
+        ch = grpc.aio.secure_channel(f"127.0.0.1:{self.daemon.control_port}", creds,
+                                     options=[("grpc.ssl_target_name_override", "localhost")])
+        self.channels.append(ch)
+        return control_pb2_grpc.ControlServiceStub(ch)
+
+    def local(self) -> control_pb2_grpc.ControlServiceStub:
+        ch = grpc.aio.secure_channel(f"unix:{self.tmp / 'control.sock'}",
+                                     grpc.local_channel_credentials(grpc.LocalConnectionType.UDS))
+        self.channels.append(ch)
+        return control_pb2_grpc.ControlServiceStub(ch)
+
+    def challenge(self, host: str = "127.0.0.1") -> challenge_pb2_grpc.ChallengeServiceStub:
+        port = self.daemon.challenge_ports[0 if host == "127.0.0.1" else 1]
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        ch = grpc.aio.insecure_channel(target)
+        self.channels.append(ch)
+        return challenge_pb2_grpc.ChallengeServiceStub(ch)
+
+    async def poll(self) -> None:
+        await self.daemon.poll_once()
+
+    async def tick(self) -> None:
+        """Run the driver's timers at the current (fake) time."""
+        await self.daemon.driver.submit(self.daemon.ops.feed([]))
+
+    def code(self, offset_steps: int = 0, secret: bytes = SECRET) -> str:
+        totp = pyotp.TOTP(base64.b32encode(secret).decode())
+        return str(totp.at(self.clock() + 30 * offset_steps))
+
+    async def enroll(self, member: str = "alice", peers: tuple[str, ...] = (), *, team: str = "team-1",
+                     secret: bytes | None = SECRET, **extra: Any) -> control_pb2.UpsertMemberResponse:
+        req = control_pb2.UpsertMemberRequest(member_id=member, team_id=team, role=types_pb2.MEMBER_ROLE_MEMBER,
+                                              peer_public_keys=list(peers), **extra)
+        if secret is not None:
+            req.totp.CopyFrom(control_pb2.TotpEnrollment(secret=secret, digits=6))
+        result: control_pb2.UpsertMemberResponse = await self.local().UpsertMember(req)
+        return result
+
+    async def policy(self, version: int = 1, *, team: str = "team-1", totp: bool = False,
+                     device: bool = False, reverify: int = 0) -> control_pb2.ApplyTeamPolicyResponse:
+        result: control_pb2.ApplyTeamPolicyResponse = await self.local().ApplyTeamPolicy(
+            control_pb2.ApplyTeamPolicyRequest(policy=control_pb2.TeamPolicy(
+                team_id=team, version=version, scope=types_pb2.MFA_SCOPE_BOTH, roles=types_pb2.MFA_ROLES_ALL,
+                totp_prior_connection=totp, device_prior_connection=device,
+                reverify_interval_seconds=reverify)))
+        return result
+
+
+def config_for(tmp: Path, ca: Authority, **auth: Any) -> Config:
+    cert, pkey, ca_path = write_server_files(tmp, ca)
+    key_file = tmp / "secrets.key"
+    key_file.write_bytes(os.urandom(32))
+    return Config(
+        gateway=GatewaySection(id="gw-test", database=tmp / "state.db", secrets_key_file=key_file),
+        wireguard=WireGuardSection(interface="wgtest"),
+        control=ControlSection(
+            listen="127.0.0.1:0", tls_cert_file=cert, tls_key_file=pkey, client_ca_file=ca_path,
+            unix_socket=tmp / "control.sock", unix_principal="local-ops",
+            authorization={"controlplane.test": ["*"], "local-ops": ["*"], "reader.test": ["ListSessions"]}),
+        challenge=ChallengeSection(listen=["127.0.0.1:0", "[::1]:0"]),
+        auth=AuthSection(**auth),
+    )
+
+
+async def start(tmp: Path, ca: Authority, config: Config | None = None,
+                source: MemorySource | None = None, enforcer: MemoryEnforcer | None = None,
+                clock: Clock | None = None) -> Harness:
+    enforcer = enforcer or MemoryEnforcer()
+    source = source or MemorySource()
+    flows = MemoryFlows()
+    clock = clock or Clock()
+    daemon = Daemon(config or config_for(tmp, ca), Adapters(enforcer=enforcer, source=source, flows=flows),
+                    clock=clock, autopoll=False)
+    await daemon.start()
+    return Harness(daemon, enforcer, source, flows, clock, tmp, ca)
+
+
+async def stop(h: Harness) -> None:
+    for ch in h.channels:
+        await ch.close()
+    await h.daemon.stop()
+
+
+@pytest_asyncio.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = await start(tmp_path, Authority("gatewayd test CA"))
+    try:
+        yield h
+    finally:
+        await stop(h)
