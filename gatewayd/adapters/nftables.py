@@ -44,7 +44,7 @@ def _from_elem(elem: Any) -> str:
         return _normalize(f"{elem['prefix']['addr']}/{elem['prefix']['len']}")
     if isinstance(elem, dict) and "range" in elem:
         lo, hi = (ipaddress.ip_address(a) for a in elem["range"])
-        nets = list(ipaddress.summarize_address_range(lo, hi))  # type: ignore[type-var]
+        nets = list(ipaddress.summarize_address_range(lo, hi))
         return ",".join(str(n) for n in nets)
     raise NftError(f"unexpected set element {elem!r}")
 

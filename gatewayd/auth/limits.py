@@ -39,7 +39,7 @@ def retry_not_before(policy: AttemptPolicy, state: AttemptState) -> float | None
     if state.last_failure_at is None or state.failures < policy.free_failures:
         return None
     exponent = state.failures - policy.free_failures
-    delay = min(policy.base_delay * (2**exponent), policy.max_delay)
+    delay = min(policy.base_delay * (2.0**exponent), policy.max_delay)
     return state.last_failure_at + delay
 
 

@@ -124,6 +124,8 @@ class Gateway:
         self.members: dict[str, Member] = {}
         self.peers: dict[str, Peer] = {}
         self._owner: dict[str, str] = {}
+        # Which peers list a prefix. WireGuard gives a prefix to one peer, but a poll can catch it moving.
+        self._listed: dict[str, set[str]] = {}
         self._timers: list[tuple[float, str]] = []
 
     # ---- restoring and reading --------------------------------------------------------------------
@@ -155,6 +157,7 @@ class Gateway:
                 step_up=rec.step_up,
             )
             self.peers[rec.public_key] = peer
+            self._list(peer, rec.allowed_ips)
         for key, member_id in self._owner.items():
             if key not in self.peers:
                 self.peers[key] = Peer(public_key=key, member_id=member_id)
@@ -267,7 +270,8 @@ class Gateway:
                 public_key=e.public_key, member_id=self._owner.get(e.public_key)
             )
         was_present, old_ips = peer.present, peer.allowed_ips
-        peer.present, peer.allowed_ips = True, tuple(e.allowed_ips)
+        peer.present = True
+        self._list(peer, tuple(e.allowed_ips))
         if e.endpoint is not None:
             peer.endpoint = e.endpoint
         if peer.enforced:
@@ -275,8 +279,7 @@ class Gateway:
             removed = tuple(p for p in old_ips if p not in peer.allowed_ips)
             if added:
                 out.append(Quarantine(prefixes=added))
-            if removed:
-                out.append(Release(prefixes=removed))
+            self._release(peer, removed, out)
         if not was_present:
             out.append(self._publish("peer.configured", peer, allowed_ips=list(peer.allowed_ips)))
         if peer.state is None:
@@ -288,9 +291,11 @@ class Gateway:
         peer = self.peers.get(e.public_key)
         if peer is None or not peer.present:
             return
-        if peer.enforced and peer.allowed_ips:
-            out.append(Release(prefixes=peer.allowed_ips))
+        old_ips = peer.allowed_ips
         peer.present, peer.session_live = False, False
+        self._list(peer, ())
+        if peer.enforced:
+            self._release(peer, old_ips, out)
         out.append(self._publish("peer.unconfigured", peer))
         if peer.member_id is None and not peer.owes:
             del self.peers[peer.public_key]
@@ -298,7 +303,6 @@ class Gateway:
             return
         # Keep the demand: a peer that comes back still owes what it owed. Its prefixes are forgotten so
         # that they can be reused by another peer.
-        peer.allowed_ips = ()
         out.append(self._save(peer))
 
     def _on_handshake(self, e: ev.HandshakeSeen, now: float, out: list[Command]) -> None:
@@ -561,8 +565,10 @@ class Gateway:
         was_enforced, old = peer.enforced, peer.state
         peer.state = new
         if peer.allowed_ips and peer.enforced != was_enforced:
-            cls = Quarantine if peer.enforced else Release
-            out.append(cls(prefixes=peer.allowed_ips))
+            if peer.enforced:
+                out.append(Quarantine(prefixes=peer.allowed_ips))
+            else:
+                self._release(peer, peer.allowed_ips, out)
         if new is not old or trigger in (Trigger.DEMAND, Trigger.LOCK):
             if new is Q:
                 out.append(self._publish("peer.quarantined", peer, owes=sorted(k.value for k in peer.owes)))
@@ -571,6 +577,24 @@ class Gateway:
                 out.append(self._publish("peer.locked", peer, reason=reason))
             elif new is A and trigger is not Trigger.SATISFY:
                 out.append(self._publish("peer.admitted", peer))
+
+    def _list(self, peer: Peer, prefixes: tuple[str, ...]) -> None:
+        for p in peer.allowed_ips:
+            holders = self._listed.get(p)
+            if holders is not None:
+                holders.discard(peer.public_key)
+                if not holders:
+                    del self._listed[p]
+        peer.allowed_ips = prefixes
+        for p in prefixes:
+            self._listed.setdefault(p, set()).add(peer.public_key)
+
+    def _release(self, peer: Peer, prefixes: tuple[str, ...], out: list[Command]) -> None:
+        """Release prefixes unless another enforced peer still lists them."""
+        free = tuple(p for p in prefixes if not any(
+            k != peer.public_key and self.peers[k].enforced for k in self._listed.get(p, ())))
+        if free:
+            out.append(Release(prefixes=free))
 
     def _publish(self, type_: str, peer: Peer, **data: object) -> Publish:
         data = {"peer": peer.public_key, "member_id": peer.member_id, **data}

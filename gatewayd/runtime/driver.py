@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gatewayd.adapters.sqlite_store import Store, StoredEvent
 from gatewayd.core import events as ev
 from gatewayd.core.commands import (
     Command,
@@ -32,7 +33,6 @@ from gatewayd.core.commands import (
 from gatewayd.core.model import PeerRecord
 from gatewayd.core.session import Gateway
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.adapters.sqlite_store import Store, StoredEvent
 from gatewayd.errors import EnforcementFailed, Refused
 from gatewayd.ports import Enforcer, FlowTable, PeerSource
 
@@ -81,11 +81,27 @@ class _Queued:
     future: asyncio.Future[Any]
 
 
+class EventSubscription:
+    """One WatchEvents stream. A subscriber that falls too far behind is cut off (it resumes by cursor)."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.queue: asyncio.Queue[StoredEvent] = asyncio.Queue(maxsize=limit)
+        self.overflowed = asyncio.Event()
+
+    def offer(self, event: StoredEvent) -> bool:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed.set()
+            return False
+        return True
+
+
 @dataclass
 class Watchers:
     """Subscribers to events and to peer status changes."""
 
-    events: set[asyncio.Queue[StoredEvent]] = field(default_factory=set)
+    events: set[EventSubscription] = field(default_factory=set)
     peers: dict[str, set[asyncio.Queue[None]]] = field(default_factory=dict)
 
 
@@ -140,11 +156,11 @@ class Driver:
         wait = max(deadline - self.clock(), 0.0)
         return wait if retry is None else min(wait, retry)
 
-    async def _next(self, timeout: float | None) -> _Queued | None:
+    async def _next(self, wait: float | None) -> _Queued | None:
         get = asyncio.ensure_future(self._queue.get())
         wake = asyncio.ensure_future(self._wake.wait())
         try:
-            done, _ = await asyncio.wait({get, wake}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({get, wake}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
             wake.cancel()
             if not get.done():
@@ -184,11 +200,11 @@ class Driver:
                     item.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
             raise
         self.batches += 1
-        for fut, exc, value in results:
+        for fut, error, value in results:
             if fut.done():
                 continue
-            if exc is not None:
-                fut.set_exception(exc)
+            if error is not None:
+                fut.set_exception(error)
             elif failure is not None:
                 fut.set_exception(failure)
             else:
@@ -272,9 +288,11 @@ class Driver:
         self.enforcement_healthy = True
 
     def _notify(self, events: list[StoredEvent], peers: Any) -> None:
-        for queue in self.watchers.events:
+        for sub in list(self.watchers.events):
             for e in events:
-                queue.put_nowait(e)
+                if not sub.offer(e):
+                    self.watchers.events.discard(sub)
+                    break
         for key in peers:
             for q in self.watchers.peers.get(key, ()):
                 q.put_nowait(None)

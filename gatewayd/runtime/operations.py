@@ -164,8 +164,9 @@ class Operations:
                 if seen["fingerprint"] != fingerprint:
                     raise Refused(Status.FAILED_PRECONDITION,
                                   "idempotency key was used for a different request", field="idempotency_key")
-                return DisconnectOutcome(**{k: (tuple(v) if k == "warnings" else v)
-                                            for k, v in seen["outcome"].items()}), True
+                o = seen["outcome"]
+                return DisconnectOutcome(sessions_cut=o["sessions_cut"], peers_quarantined=o["peers_quarantined"],
+                                         cause=o["cause"], warnings=tuple(o["warnings"])), True
             outcome: DisconnectOutcome = b.feed(ev.DisconnectRequested(
                 member_id=member_id, public_key=public_key, reason=reason))
             await b.store.save_idempotent_response(idempotency_key, {

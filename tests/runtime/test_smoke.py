@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from gatewayd.core.model import PeerState
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
 from tests.harness import Harness, gw, key
 
@@ -11,7 +12,7 @@ async def test_disconnect_then_totp_releases(gw: Harness) -> None:
     await gw.enroll("alice", (key(1),))
     await gw.policy(1)
     await gw.poll()
-    assert gw.daemon.core.peers[key(1)].state.value == "authorized"
+    assert gw.daemon.core.peers[key(1)].state is PeerState.AUTHORIZED
     res = await gw.local().Disconnect(control_pb2.DisconnectRequest(member_id="alice", reason="siem",
                                                                     idempotency_key="k1"))
     assert res.peers_quarantined == 1 and res.sessions_cut == 1

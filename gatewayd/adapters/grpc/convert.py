@@ -12,11 +12,11 @@ import json
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from gatewayd.adapters.sqlite_store import StoredEvent
 from gatewayd.auth import backup, totp
 from gatewayd.core.model import Factor, Member, Peer, PeerState, ProofKind, Role, Roles, Scope, TeamPolicy
 from gatewayd.core.session import DisconnectOutcome
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.adapters.sqlite_store import StoredEvent
 from gatewayd.errors import invalid
 from gatewayd.runtime.operations import ChallengeView, MemberUpdate
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
@@ -177,7 +177,7 @@ def session(peer: Peer, member: Member | None, snap: PeerSnapshot | None) -> typ
     msg = types_pb2.Session(
         peer_public_key=peer.public_key, member_id=peer.member_id or "",
         team_id=member.team_id if member else "", tunnel_ips=list(peer.allowed_ips),
-        endpoint=peer.endpoint or "", state=STATE_TO_PB[peer.state] if peer.state else 0,
+        endpoint=peer.endpoint or "", state=STATE_TO_PB[peer.state] if peer.state else types_pb2.PEER_STATE_UNSPECIFIED,
         owes=[KIND_TO_PB[k] for k in sorted(peer.owes, key=lambda k: k.value)],
         rx_bytes=snap.rx_bytes if snap else 0, tx_bytes=snap.tx_bytes if snap else 0,
         locked_reason=peer.locked_reason.value if peer.locked_reason else "")

@@ -12,14 +12,14 @@ from gatewayd.adapters.grpc import convert
 from gatewayd.auth import backup
 from gatewayd.core.model import Peer
 from gatewayd.errors import Refused, Status
-from gatewayd.runtime.driver import Driver
+from gatewayd.runtime.driver import Driver, EventSubscription
 from gatewayd.runtime.operations import ChallengeView, Operations, ProofOutcome
 from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 
 MAX_PAGE = 1000
 
 
-class ControlService(control_pb2_grpc.ControlServiceServicer):
+class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[misc]
     def __init__(self, driver: Driver, ops: Operations) -> None:
         self.driver, self.ops = driver, ops
 
@@ -100,28 +100,28 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
     async def WatchEvents(self, request: control_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[types_pb2.Event]:
         prefixes = tuple(request.type_prefixes)
-        live: asyncio.Queue = asyncio.Queue(maxsize=100_000)
-        self.driver.watchers.events.add(live)
+        sub = EventSubscription()
+        self.driver.watchers.events.add(sub)
         try:
             last = request.after_cursor
             if last:
-                while True:
-                    page = await self.driver.store.events_after(last)
-                    if not page:
-                        break
+                while page := await self.driver.store.events_after(last):
                     for e in page:
                         last = e.cursor
                         if not prefixes or e.type.startswith(prefixes):
                             yield convert.event(e)
             while True:
-                e = await live.get()
+                if sub.overflowed.is_set() and sub.queue.empty():
+                    raise Refused(Status.RESOURCE_EXHAUSTED,
+                                  f"subscriber fell behind; resume with after_cursor={last}")
+                e = await sub.queue.get()
                 if e.cursor <= last:
                     continue
                 last = e.cursor
                 if not prefixes or e.type.startswith(prefixes):
                     yield convert.event(e)
         finally:
-            self.driver.watchers.events.discard(live)
+            self.driver.watchers.events.discard(sub)
 
 
 def caller_address(context: grpc.aio.ServicerContext) -> str | None:
@@ -143,7 +143,7 @@ def caller_address(context: grpc.aio.ServicerContext) -> str | None:
     return str(ip)
 
 
-class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):
+class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ignore[misc]
     def __init__(self, driver: Driver, ops: Operations) -> None:
         self.driver, self.ops = driver, ops
 

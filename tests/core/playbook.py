@@ -1,0 +1,73 @@
+"""Playbook helpers: feed events to a Gateway at given times and look at the commands that come out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gatewayd.core import events as ev
+from gatewayd.core.commands import Command, Publish, Quarantine, Release, Reply, ResetPeerSession
+from gatewayd.core.model import Factor, Member, Role, Roles, Scope, TeamPolicy
+from gatewayd.core.session import CoreConfig, Gateway
+
+K1, K2, K3 = "peer-one", "peer-two", "peer-three"
+
+
+def team(version: int = 1, *, totp: bool = False, device: bool = False, reverify: float = 0.0,
+         scope: Scope = Scope.BOTH, roles: Roles = Roles.ALL) -> TeamPolicy:
+    return TeamPolicy(team_id="t", version=version, scope=scope, roles=roles, totp_prior_connection=totp,
+                      device_prior_connection=device, reverify_interval=reverify)
+
+
+def member(mid: str = "alice", peers: tuple[str, ...] = (K1,), factors: frozenset[Factor] = frozenset({Factor.TOTP}),
+           role: Role = Role.MEMBER, locked: bool = False) -> Member:
+    return Member(member_id=mid, team_id="t", role=role, peers=frozenset(peers), factors=factors, locked=locked)
+
+
+class Play:
+    def __init__(self, *, quarantine_unknown: bool = True) -> None:
+        self.gw = Gateway(CoreConfig(quarantine_unknown_peers=quarantine_unknown))
+        self.now = 1_000_000.0
+        self.log: list[Command] = []
+
+    def __call__(self, event: ev.Event, at: float | None = None) -> list[Command]:
+        if at is not None:
+            self.now = at
+        out = self.gw.handle(event, self.now)
+        self.log += out
+        return out
+
+    def timer(self, at: float) -> list[Command]:
+        self.now = at
+        out = self.gw.handle_timer(at)
+        self.log += out
+        return out
+
+    def state(self, key: str = K1) -> str | None:
+        s = self.gw.peers[key].state
+        return s.value if s else None
+
+
+def reply(out: list[Command]) -> Any:
+    """The value of the single Reply in `out`."""
+    (value,) = [c.value for c in out if isinstance(c, Reply)]
+    return value
+
+
+def kinds(out: list[Command]) -> list[str]:
+    return [type(c).__name__ for c in out]
+
+
+def published(out: list[Command]) -> list[str]:
+    return [c.type for c in out if isinstance(c, Publish)]
+
+
+def quarantined(out: list[Command]) -> set[str]:
+    return {p for c in out if isinstance(c, Quarantine) for p in c.prefixes}
+
+
+def released(out: list[Command]) -> set[str]:
+    return {p for c in out if isinstance(c, Release) for p in c.prefixes}
+
+
+def resets(out: list[Command]) -> list[str]:
+    return [c.public_key for c in out if isinstance(c, ResetPeerSession)]
