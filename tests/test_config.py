@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gatewayd.config import Config, ConfigError, load, parse
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "gatewayd.toml"
+
+
+def test_example_documents_every_key_with_its_default() -> None:
+    text = EXAMPLE.read_text()
+    cfg = load(EXAMPLE)
+    defaults = Config()
+    for section in ("gateway", "wireguard", "enforcement", "challenge", "auth"):
+        assert getattr(cfg, section) == getattr(defaults, section), section
+    for name in Config.__dataclass_fields__:
+        for key in type(getattr(defaults, name)).__dataclass_fields__:
+            documented = f"\n{key} = " in text or f"\n[{name}.{key}]" in text
+            assert documented, f"{name}.{key} is not documented in the example"
+
+
+@pytest.mark.parametrize(("snippet", "key"), [
+    ("[gateway]\nidd = 'x'\n", "gateway.idd"),
+    ("[gatway]\n", "gatway"),
+    ("[wireguard]\npoll_interval = 'fast'\n", "wireguard.poll_interval"),
+    ("[wireguard]\nbackend = 'magic'\n", "wireguard.backend"),
+    ("[auth]\nmax_failures = 0\n", "auth.max_failures"),
+    ("[control]\nlisten = '0.0.0.0:9440'\n", "control.tls_cert_file"),
+    ("[control]\nlisten = 'nowhere'\n", "control.listen"),
+    ("[control.authorization]\nops = ['Disconect']\n", "control.authorization.ops[0]"),
+    ("[challenge]\nlisten = ['1.2.3.4']\n", "challenge.listen[0]"),
+    ("[gateway]\nid = 'a/b'\n", "gateway.id"),
+    ("[gateway]\nquarantine_unknown_peers = 1\n", "gateway.quarantine_unknown_peers"),
+])
+def test_bad_key_or_value_is_named(snippet: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(snippet)
+    assert info.value.key == key
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    ok = subprocess.run([sys.executable, "-m", "gatewayd", "check-config", "--config", str(EXAMPLE)],
+                        capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[auth]\nmax_delay = 'soon'\n")
+    out = subprocess.run([sys.executable, "-m", "gatewayd", "check-config", "--config", str(bad)],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 2 and "auth.max_delay" in out.stderr
