@@ -145,7 +145,9 @@ class ControlServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Security events: those after a cursor (from the retained history), then live ones.
+        """Security events: those after a cursor (from the retained history), then live ones. Initial metadata
+        "gatewayd-cursor" (sent once subscribed, before any event) is the cursor of the latest event at that moment.
+        A subscriber that falls too far behind is ended with RESOURCE_EXHAUSTED and resumes with after_cursor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

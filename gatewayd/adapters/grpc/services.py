@@ -103,6 +103,8 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
         sub = EventSubscription()
         self.driver.watchers.events.add(sub)
         try:
+            # Subscribed: tell the caller where the live stream starts, before any event.
+            await context.send_initial_metadata([("gatewayd-cursor", str(self.driver.store.next_cursor - 1))])
             last = request.after_cursor
             if last:
                 while page := await self.driver.store.events_after(last):

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from cryptography.exceptions import InvalidTag
+
+from gatewayd.adapters.sqlite_store import MIGRATIONS, SecretBox, Store
+from gatewayd.auth.totp import TotpFactor
+from gatewayd.core.model import Role
+
+SECRET = b"very-secret-totp-seed"
+
+
+async def opened(path: Path, key: bytes) -> Store:
+    store = Store(path, SecretBox(key))
+    await store.open()
+    return store
+
+
+async def test_pragmas_and_migrations(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "s.db", os.urandom(32))
+    async with store.db.execute("PRAGMA journal_mode") as cur:
+        assert (await cur.fetchone())[0] == "wal"  # type: ignore[index]
+    async with store.db.execute("PRAGMA synchronous") as cur:
+        assert (await cur.fetchone())[0] == 2  # type: ignore[index]  # FULL
+    async with store.db.execute("PRAGMA user_version") as cur:
+        assert (await cur.fetchone())[0] == len(MIGRATIONS)  # type: ignore[index]
+    await store.close()
+    # Reopening runs no migration twice; a newer schema is refused.
+    store = await opened(tmp_path / "s.db", os.urandom(32))
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "s.db")
+    conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        await opened(tmp_path / "s.db", os.urandom(32))
+
+
+async def test_totp_secret_is_encrypted_at_rest_and_bound_to_its_row(tmp_path: Path) -> None:
+    key = os.urandom(32)
+    store = await opened(tmp_path / "s.db", key)
+    await store.begin()
+    await store.save_member("alice", "t", Role.MEMBER, [])
+    await store.save_totp("alice", "active", TotpFactor(secret=SECRET))
+    await store.commit()
+    auth = await store.member_auth("alice")
+    assert auth is not None and auth.totp is not None and auth.totp.secret == SECRET
+    await store.close()
+    for f in tmp_path.iterdir():
+        assert SECRET not in f.read_bytes(), f.name
+    assert oct((tmp_path / "s.db").stat().st_mode & 0o777) == "0o600"
+    # Another key cannot read it; a ciphertext moved to another member's row does not open either.
+    other = await opened(tmp_path / "s.db", os.urandom(32))
+    with pytest.raises(InvalidTag):
+        await other.member_auth("alice")
+    await other.close()
+    store = await opened(tmp_path / "s.db", key)
+    await store.begin()
+    await store.save_member("mallory", "t", Role.MEMBER, [])
+    await store.db.execute("INSERT INTO totp SELECT 'mallory', slot, nonce, secret_ct, algorithm, digits, period, "
+                           "last_step FROM totp WHERE member_id='alice'")
+    await store.commit()
+    with pytest.raises(InvalidTag):
+        await store.member_auth("mallory")
+    await store.close()
+
+
+async def test_savepoint_rollback_leaves_nothing(tmp_path: Path) -> None:
+    store = await opened(tmp_path / "s.db", os.urandom(32))
+    await store.begin()
+    await store.savepoint()
+    await store.save_member("alice", "t", Role.MEMBER, [])
+    await store.rollback_savepoint()
+    await store.savepoint()
+    await store.save_member("bob", "t", Role.MEMBER, [])
+    await store.release_savepoint()
+    await store.commit()
+    assert not await store.member_exists("alice")
+    assert await store.member_exists("bob")
+    await store.close()
+
+
+def test_secrets_key_file_formats(tmp_path: Path) -> None:
+    raw = os.urandom(32)
+    (tmp_path / "raw").write_bytes(raw)
+    (tmp_path / "hex").write_text(raw.hex() + "\n")
+    (tmp_path / "bad").write_text("not a key")
+    box1, box2 = SecretBox.from_file(tmp_path / "raw"), SecretBox.from_file(tmp_path / "hex")
+    nonce, ct = box1.seal(b"x", b"aad")
+    assert box2.open(nonce, ct, b"aad") == b"x"
+    with pytest.raises(ValueError, match="32 raw bytes"):
+        SecretBox.from_file(tmp_path / "bad")
