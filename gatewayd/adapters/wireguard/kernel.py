@@ -8,6 +8,7 @@ device messages is tested; the socket calls are exercised only where the module 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from gatewayd.core.tracking import PeerSnapshot
 
 
-def family_exists() -> bool:
+def _family_exists() -> bool:
     from pyroute2 import WireGuard
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -24,6 +25,13 @@ def family_exists() -> bool:
             return True
     except NetlinkError:
         return False
+
+
+def family_exists() -> bool:
+    """Whether the kernel's "wireguard" genetlink family exists. pyroute2's sync classes run their own event
+    loop, which fails on a thread whose loop is running: the probe always runs on a worker thread."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_family_exists).result()
 
 
 def _endpoint(attr: Any) -> str | None:
