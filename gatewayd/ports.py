@@ -3,24 +3,46 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from gatewayd.core.tracking import PeerSnapshot, Snapshot
 
 
-class Enforcer(Protocol):
-    """The quarantine sets."""
+@dataclass(frozen=True, kw_only=True)
+class SetChange:
+    """One atomic change of the enforcement sets."""
 
-    async def reconcile(self, prefixes: Collection[str]) -> bool:
-        """Make enforcement hold exactly `prefixes` (creating what is missing); True if anything changed."""
+    quarantine: Sequence[str] = ()
+    """Prefixes that enter quarantine."""
+    release: Sequence[str] = ()
+    """Prefixes that leave quarantine."""
+    track: Sequence[str] = ()
+    """Prefixes of decided peers: tunnel traffic from them passes the tracked-source check."""
+    untrack: Sequence[str] = ()
+    """Prefixes no decided peer holds: tunnel traffic from them is refused."""
+
+    def __bool__(self) -> bool:
+        return bool(self.quarantine or self.release or self.track or self.untrack)
+
+
+class Enforcer(Protocol):
+    """The kernel's enforcement: quarantine sets and tracked-source sets."""
+
+    async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> bool:
+        """Make enforcement hold exactly these sets (creating what is missing); True if anything changed."""
         ...
 
-    async def apply(self, add: Sequence[str], remove: Sequence[str]) -> None:
-        """Add and remove prefixes in one atomic transaction."""
+    async def apply(self, change: SetChange) -> None:
+        """Apply one change in one atomic transaction."""
         ...
 
     def quarantined(self) -> frozenset[str]:
-        """The prefixes enforcement holds now, as last written."""
+        """The quarantined prefixes, as last written."""
+        ...
+
+    def tracked(self) -> frozenset[str]:
+        """The tracked prefixes, as last written."""
         ...
 
 

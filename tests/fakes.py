@@ -6,31 +6,36 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from gatewayd.core.tracking import PeerSnapshot
+from gatewayd.ports import SetChange
 
 
 class MemoryEnforcer:
     def __init__(self) -> None:
         self.held: set[str] = set()
-        self.transactions: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+        self.tracked_: set[str] = set()
+        self.transactions: list[SetChange] = []
         self.reconciles = 0
         self.fail_next = False
 
-    async def reconcile(self, prefixes: Collection[str]) -> bool:
+    async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> bool:
         self.reconciles += 1
-        changed = self.held != set(prefixes)
-        self.held = set(prefixes)
+        changed = self.held != set(quarantined) or self.tracked_ != set(tracked)
+        self.held, self.tracked_ = set(quarantined), set(tracked)
         return changed
 
-    async def apply(self, add: Sequence[str], remove: Sequence[str]) -> None:
+    async def apply(self, change: SetChange) -> None:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected nftables failure")
-        self.transactions.append((tuple(add), tuple(remove)))
-        self.held |= set(add)
-        self.held -= set(remove)
+        self.transactions.append(change)
+        self.held = (self.held | set(change.quarantine)) - set(change.release)
+        self.tracked_ = (self.tracked_ | set(change.track)) - set(change.untrack)
 
     def quarantined(self) -> frozenset[str]:
         return frozenset(self.held)
+
+    def tracked(self) -> frozenset[str]:
+        return frozenset(self.tracked_)
 
 
 class MemorySource:

@@ -1,11 +1,15 @@
 """nftables enforcement through libnftables (JSON), in one table that gatewayd owns and nothing else.
 
 table inet <name>:
-  sets quarantine4 / quarantine6 (interval): the tunnel prefixes of peers that owe a proof;
-  chain forward: nothing from or to a quarantined prefix is forwarded (ICMP administratively prohibited);
-  chain input: a quarantined prefix reaches only the challenge port, and only over the WireGuard interface.
-Rules match addresses statelessly, so an established flow stalls the moment its source enters the set.
-Every change is one transaction: a batch's additions (or removals) are one libnftables call.
+  sets quarantine4/6 (interval): tunnel prefixes of peers that owe a proof;
+  sets tracked4/6 (interval): tunnel prefixes of every configured peer whose state gatewayd has decided;
+  chain forward_quarantine: nothing from or to a quarantined prefix is forwarded, and nothing from or to a
+    tunnel address gatewayd has not decided on yet (a peer added to WireGuard between two polls);
+  chain input_quarantine: over the WireGuard interface, the challenge port is open; otherwise a quarantined
+    or undecided source reaches nothing on the gateway.
+Blocked traffic is rejected with ICMP administratively prohibited so client apps notice at once. Rules match
+addresses statelessly, so an established flow stalls the moment its source enters the set. Every change is
+one transaction.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ from __future__ import annotations
 import ipaddress
 import json
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from typing import Any
 
 import nftables
 
+from gatewayd.ports import SetChange
+
 FAMILY = "inet"
-SET4, SET6 = "quarantine4", "quarantine6"
+SETS = {"quarantine": ("quarantine4", "quarantine6"), "tracked": ("tracked4", "tracked6")}
 
 
 class NftError(RuntimeError):
@@ -55,7 +61,7 @@ class NftEnforcer:
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
-        self._held: set[str] = set()
+        self._held: dict[str, set[str]] = {kind: set() for kind in SETS}
         # libnftables contexts are not thread-safe; calls may come from worker threads.
         self._lock = threading.Lock()
 
@@ -64,7 +70,7 @@ class NftEnforcer:
     def _sets(self) -> list[dict[str, Any]]:
         return [
             {"set": {"family": FAMILY, "table": self.table, "name": name, "type": kind, "flags": ["interval"]}}
-            for name, kind in ((SET4, "ipv4_addr"), (SET6, "ipv6_addr"))
+            for v4, v6 in SETS.values() for name, kind in ((v4, "ipv4_addr"), (v6, "ipv6_addr"))
         ]
 
     def _chains(self) -> list[dict[str, Any]]:
@@ -75,8 +81,11 @@ class NftEnforcer:
         ]
 
     def _rules(self) -> list[dict[str, Any]]:
-        def match(proto: str, field: str, right: Any, op: str = "==") -> dict[str, Any]:
+        def addr(proto: str, field: str, right: Any, op: str = "==") -> dict[str, Any]:
             return {"match": {"op": op, "left": {"payload": {"protocol": proto, "field": field}}, "right": right}}
+
+        def iface(key: str) -> dict[str, Any]:
+            return {"match": {"op": "==", "left": {"meta": {"key": key}}, "right": self.interface}}
 
         def reject(icmp: str) -> dict[str, Any]:
             return {"reject": {"type": icmp, "expr": "admin-prohibited"}}
@@ -84,15 +93,25 @@ class NftEnforcer:
         def rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
             return {"rule": {"family": FAMILY, "table": self.table, "chain": chain, "expr": list(expr)}}
 
-        iif = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": self.interface}}
         rules = []
-        for proto, set_, icmp in (("ip", SET4, "icmp"), ("ip6", SET6, "icmpv6")):
-            for field in ("saddr", "daddr"):
-                rules.append(rule("forward_quarantine", match(proto, field, f"@{set_}"), reject(icmp)))
-        for proto, set_, icmp in (("ip", SET4, "icmp"), ("ip6", SET6, "icmpv6")):
-            rules.append(rule("input_quarantine", iif, match(proto, "saddr", f"@{set_}"),
-                              match("tcp", "dport", self.port), {"accept": None}))
-            rules.append(rule("input_quarantine", match(proto, "saddr", f"@{set_}"), reject(icmp)))
+        families = (("ip", 0, "icmp"), ("ip6", 1, "icmpv6"))
+        for proto, i, icmp in families:
+            quarantine, tracked = SETS["quarantine"][i], SETS["tracked"][i]
+            rules += [
+                rule("forward_quarantine", addr(proto, "saddr", f"@{quarantine}"), reject(icmp)),
+                rule("forward_quarantine", addr(proto, "daddr", f"@{quarantine}"), reject(icmp)),
+                rule("forward_quarantine", iface("iifname"), addr(proto, "saddr", f"@{tracked}", "!="), reject(icmp)),
+                rule("forward_quarantine", iface("oifname"), addr(proto, "daddr", f"@{tracked}", "!="), reject(icmp)),
+            ]
+        for proto, i, icmp in families:
+            quarantine, tracked = SETS["quarantine"][i], SETS["tracked"][i]
+            rules += [
+                rule("input_quarantine", iface("iifname"), addr(proto, "saddr", f"@{quarantine}"),
+                     addr("tcp", "dport", self.port), {"accept": None}),
+                rule("input_quarantine", addr(proto, "saddr", f"@{quarantine}"), reject(icmp)),
+                rule("input_quarantine", iface("iifname"), addr(proto, "saddr", f"@{tracked}", "!="),
+                     addr("tcp", "dport", self.port, "!="), reject(icmp)),
+            ]
         return rules
 
     def _structure(self) -> list[dict[str, Any]]:
@@ -117,32 +136,34 @@ class NftEnforcer:
         items: list[dict[str, Any]] = json.loads(out)["nftables"]
         return [i for i in items if "metainfo" not in i]
 
-    def _current(self) -> tuple[list[dict[str, Any]], set[str]] | None:
-        """The table's structure (sets without elements, chains, rules) and its set elements."""
+    def _current(self) -> tuple[list[dict[str, Any]], dict[str, set[str]]] | None:
+        """The table's structure (sets without elements, chains, rules) and the elements of each set."""
         listing = self._list()
         if listing is None:
             return None
-        structure, elements = [], set()
+        structure: list[dict[str, Any]] = []
+        elements: dict[str, set[str]] = {kind: set() for kind in SETS}
         for item in listing:
             if "table" in item:
                 continue
             if "set" in item:
                 s = dict(item["set"])
+                kind = next(k for k, names in SETS.items() if s["name"] in names) if any(
+                    s["name"] in names for names in SETS.values()) else None
                 for e in s.pop("elem", []):
-                    elements.update(_from_elem(e).split(","))
+                    if kind is not None:
+                        elements[kind].update(_from_elem(e).split(","))
                 s.pop("handle", None)
                 structure.append({"set": s})
             elif "chain" in item:
-                c = {k: v for k, v in item["chain"].items() if k != "handle"}
-                structure.append({"chain": c})
+                structure.append({"chain": {k: v for k, v in item["chain"].items() if k != "handle"}})
             elif "rule" in item:
-                r = {k: v for k, v in item["rule"].items() if k != "handle"}
-                structure.append({"rule": r})
+                structure.append({"rule": {k: v for k, v in item["rule"].items() if k != "handle"}})
         return structure, elements
 
-    def _elements(self, verb: str, prefixes: Collection[str]) -> list[dict[str, Any]]:
+    def _elements(self, verb: str, kind: str, prefixes: Collection[str]) -> list[dict[str, Any]]:
         out = []
-        for name, version in ((SET4, 4), (SET6, 6)):
+        for name, version in zip(SETS[kind], (4, 6), strict=True):
             elems = [_elem(p) for p in prefixes if ipaddress.ip_network(p, strict=False).version == version]
             if elems:
                 out.append({verb: {"element": {"family": FAMILY, "table": self.table, "name": name,
@@ -152,37 +173,51 @@ class NftEnforcer:
     # ---- the port ---------------------------------------------------------------------------------
 
     def quarantined(self) -> frozenset[str]:
-        return frozenset(self._held)
+        return frozenset(self._held["quarantine"])
 
-    async def reconcile(self, prefixes: Collection[str]) -> bool:
-        desired = {_normalize(p) for p in prefixes}
+    def tracked(self) -> frozenset[str]:
+        return frozenset(self._held["tracked"])
+
+    async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> bool:
+        desired = {"quarantine": {_normalize(p) for p in quarantined},
+                   "tracked": {_normalize(p) for p in tracked}}
         current = self._current()
         if current is None or current[0] != self._structure():
             # (Re)build the whole table and its elements in one transaction: no moment without it.
             table = {"table": {"family": FAMILY, "name": self.table}}
             commands: list[dict[str, Any]] = [{"add": table}, {"delete": table}, {"add": table}]
             commands += [{"add": item} for item in self._structure()]
-            commands += self._elements("add", desired)
+            for kind, prefixes in desired.items():
+                commands += self._elements("add", kind, prefixes)
             self._run(commands)
             self._held = desired
             return True
-        held = current[1]
-        add, remove = desired - held, held - desired
-        if add or remove:
-            self._run([*self._elements("add", add), *self._elements("delete", remove)])
-        self._held = desired
-        return bool(add or remove)
-
-    async def apply(self, add: Sequence[str], remove: Sequence[str]) -> None:
-        add_n = {_normalize(p) for p in add}
-        remove_n = {_normalize(p) for p in remove} & self._held
-        commands = [*self._elements("add", add_n), *self._elements("delete", remove_n)]
+        commands = []
+        for kind, prefixes in desired.items():
+            held = current[1][kind]
+            commands += self._elements("add", kind, prefixes - held)
+            commands += self._elements("delete", kind, held - prefixes)
         if commands:
             self._run(commands)
-        self._held = (self._held | add_n) - remove_n
+        self._held = desired
+        return bool(commands)
+
+    async def apply(self, change: SetChange) -> None:
+        plan = {
+            "quarantine": ({_normalize(p) for p in change.quarantine}, {_normalize(p) for p in change.release}),
+            "tracked": ({_normalize(p) for p in change.track}, {_normalize(p) for p in change.untrack}),
+        }
+        commands = []
+        for kind, (add, remove) in plan.items():
+            remove &= self._held[kind]
+            commands += self._elements("add", kind, add) + self._elements("delete", kind, remove)
+        if commands:
+            self._run(commands)
+        for kind, (add, remove) in plan.items():
+            self._held[kind] = (self._held[kind] | add) - remove
 
     def delete_table(self) -> None:
         """Remove the table (tests and lab teardown only; the daemon never does this)."""
         with self._lock:
             self._nft.cmd(f"delete table {FAMILY} {self.table}")
-        self._held = set()
+        self._held = {kind: set() for kind in SETS}

@@ -30,6 +30,23 @@ class Release(Command):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Track(Command):
+    """These prefixes belong to a decided peer: the kernel may let tunnel traffic from them through the
+    tracked-source check (quarantine still applies)."""
+
+    prefixes: tuple[str, ...]
+    """Tunnel prefixes (CIDR)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Untrack(Command):
+    """No configured peer lists these prefixes any more: tunnel traffic from them is refused."""
+
+    prefixes: tuple[str, ...]
+    """Tunnel prefixes (CIDR)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ResetPeerSession(Command):
     """Drop the peer's WireGuard session keys so that its next packet needs a fresh handshake."""
 

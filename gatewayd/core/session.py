@@ -26,6 +26,8 @@ from gatewayd.core.commands import (
     Reply,
     ResetPeerSession,
     SavePeer,
+    Track,
+    Untrack,
 )
 from gatewayd.core.model import (
     FACTOR_PROVES,
@@ -155,14 +157,21 @@ class Gateway:
                 session_started_at=rec.session_started_at,
                 last_handshake=rec.last_handshake,
                 step_up=rec.step_up,
+                # Assumed still configured until the first read of the interface says otherwise.
+                present=bool(rec.allowed_ips),
             )
             self.peers[rec.public_key] = peer
-            self._list(peer, rec.allowed_ips)
+            self._list(peer, rec.allowed_ips, [])
         for key, member_id in self._owner.items():
             if key not in self.peers:
                 self.peers[key] = Peer(public_key=key, member_id=member_id)
         for peer in self.peers.values():
             self._arm(peer)
+
+    def tracked_prefixes(self) -> set[str]:
+        """Every prefix of a configured, decided peer."""
+        return {p for p, keys in self._listed.items()
+                if any(self.peers[k].present and self.peers[k].state is not None for k in keys)}
 
     def enforced_prefixes(self) -> set[str]:
         """Every prefix that belongs in the quarantine sets now."""
@@ -271,7 +280,7 @@ class Gateway:
             )
         was_present, old_ips = peer.present, peer.allowed_ips
         peer.present = True
-        self._list(peer, tuple(e.allowed_ips))
+        self._list(peer, tuple(e.allowed_ips), out)
         if e.endpoint is not None:
             peer.endpoint = e.endpoint
         if peer.enforced:
@@ -293,7 +302,7 @@ class Gateway:
             return
         old_ips = peer.allowed_ips
         peer.present, peer.session_live = False, False
-        self._list(peer, ())
+        self._list(peer, (), out)
         if peer.enforced:
             self._release(peer, old_ips, out)
         out.append(self._publish("peer.unconfigured", peer))
@@ -578,16 +587,31 @@ class Gateway:
             elif new is A and trigger is not Trigger.SATISFY:
                 out.append(self._publish("peer.admitted", peer))
 
-    def _list(self, peer: Peer, prefixes: tuple[str, ...]) -> None:
+    def _list(self, peer: Peer, prefixes: tuple[str, ...], out: list[Command]) -> None:
+        """Give the peer these prefixes, tracking or untracking prefixes that gain their first holder or lose
+        their last one. A new prefix is tracked before the peer's state is decided in the same batch, which
+        the runtime turns into one kernel transaction."""
+        dropped = []
         for p in peer.allowed_ips:
             holders = self._listed.get(p)
             if holders is not None:
                 holders.discard(peer.public_key)
                 if not holders:
                     del self._listed[p]
+                    dropped.append(p)
         peer.allowed_ips = prefixes
+        fresh = []
         for p in prefixes:
-            self._listed.setdefault(p, set()).add(peer.public_key)
+            holders = self._listed.setdefault(p, set())
+            if not holders:
+                fresh.append(p)
+            holders.add(peer.public_key)
+        gone = tuple(p for p in dropped if p not in self._listed)
+        if gone:
+            out.append(Untrack(prefixes=gone))
+        added = tuple(p for p in fresh if p not in dropped)
+        if added:
+            out.append(Track(prefixes=added))
 
     def _release(self, peer: Peer, prefixes: tuple[str, ...], out: list[Command]) -> None:
         """Release prefixes unless another enforced peer still lists them."""

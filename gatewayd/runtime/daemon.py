@@ -29,7 +29,7 @@ from gatewayd.adapters.sqlite_store import SecretBox, Store
 from gatewayd.auth.limits import AttemptPolicy
 from gatewayd.config import Config
 from gatewayd.core.session import CoreConfig, Gateway
-from gatewayd.core.tracking import diff
+from gatewayd.core.tracking import PeerSnapshot, diff
 from gatewayd.ports import Enforcer, FlowTable, PeerSource
 from gatewayd.runtime.driver import Driver
 from gatewayd.runtime.operations import Operations
@@ -88,7 +88,13 @@ class Daemon:
         await self.store.open()
         teams, members, records = await self.store.load()
         self.core.restore(teams, members, records)
-        await self.adapters.enforcer.reconcile(self.core.enforced_prefixes())
+        await self.adapters.enforcer.reconcile(self.core.enforced_prefixes(), self.core.tracked_prefixes())
+        # The first read of the interface is compared with what was stored: peers gone meanwhile are
+        # unconfigured, so that their prefixes stop being tracked.
+        self.driver.snapshot = {
+            k: PeerSnapshot(public_key=k, endpoint=p.endpoint, allowed_ips=p.allowed_ips,
+                            last_handshake=p.last_handshake, rx_bytes=0, tx_bytes=0, keepalive=0)
+            for k, p in self.core.peers.items() if p.present}
         self._tasks.append(spawn(self.driver.run(), name="driver"))
         if self.adapters.source is not None:
             await self.poll_once()

@@ -29,12 +29,14 @@ from gatewayd.core.commands import (
     Reply,
     ResetPeerSession,
     SavePeer,
+    Track,
+    Untrack,
 )
 from gatewayd.core.model import PeerRecord
 from gatewayd.core.session import Gateway
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.errors import EnforcementFailed, Refused
-from gatewayd.ports import Enforcer, FlowTable, PeerSource
+from gatewayd.ports import Enforcer, FlowTable, PeerSource, SetChange
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +214,7 @@ class Driver:
 
     async def _execute(self, batch: Batch) -> EnforcementFailed | None:
         adds: dict[str, bool] = {}
+        tracks: dict[str, bool] = {}
         resets: list[PeerSnapshot] = []
         flushes: list[str] = []
         saves: dict[str, PeerRecord] = {}
@@ -223,6 +226,10 @@ class Driver:
                     adds.update(dict.fromkeys(cmd.prefixes, True))
                 case Release():
                     adds.update(dict.fromkeys(cmd.prefixes, False))
+                case Track():
+                    tracks.update(dict.fromkeys(cmd.prefixes, True))
+                case Untrack():
+                    tracks.update(dict.fromkeys(cmd.prefixes, False))
                 case ResetPeerSession():
                     snap = self.snapshot.get(cmd.public_key)
                     if snap is not None:
@@ -240,13 +247,16 @@ class Driver:
                         time=batch.now, subject=cmd.subject, data_json=json.dumps(cmd.data, sort_keys=True)))
                 case _:
                     raise RuntimeError(f"unexpected command {cmd!r}")
-        held = self.enforcer.quarantined()
-        add = [p for p, on in adds.items() if on and p not in held]
-        remove = [p for p, on in adds.items() if not on and p in held]
+        held, tracked = self.enforcer.quarantined(), self.enforcer.tracked()
+        # Tightening (quarantine, untrack) is enforced before the commit, loosening after it.
+        tighten = SetChange(quarantine=[p for p, on in adds.items() if on and p not in held],
+                            untrack=[p for p, on in tracks.items() if not on and p in tracked])
+        loosen = SetChange(release=[p for p, on in adds.items() if not on and p in held],
+                           track=[p for p, on in tracks.items() if on and p not in tracked])
         failure: EnforcementFailed | None = None
         try:
-            if add:
-                await self.enforcer.apply(add, ())
+            if tighten:
+                await self.enforcer.apply(tighten)
             if resets and self.source is not None:
                 await self.source.reset_sessions(resets)
             if flushes and self.flows is not None:
@@ -267,8 +277,8 @@ class Driver:
         for e in events:
             log.info("event %s %s %s", e.type, e.subject, e.data_json)
         try:
-            if remove and failure is None:
-                await self.enforcer.apply((), remove)
+            if loosen and failure is None:
+                await self.enforcer.apply(loosen)
         except Exception as exc:
             # Fail closed: the peers stay quarantined until a reconcile succeeds.
             log.error("release failed; will retry: %s", exc)
@@ -281,7 +291,7 @@ class Driver:
 
     async def retry_reconcile(self) -> None:
         try:
-            await self.enforcer.reconcile(self.core.enforced_prefixes())
+            await self.enforcer.reconcile(self.core.enforced_prefixes(), self.core.tracked_prefixes())
         except Exception as exc:
             log.error("reconcile failed; will retry: %s", exc)
             return

@@ -91,12 +91,13 @@ def gw_proofs_before(steps: list[tuple[float, ev.Event]], key: str) -> set[Proof
 @settings(max_examples=200, deadline=None)
 @given(st.lists(event_strategy(), max_size=40))
 def test_enforcement_commands_track_state(steps: list[tuple[float, ev.Event]]) -> None:
-    """The Quarantine/Release commands emitted, replayed in order, always equal the enforced prefixes; and a
-    restore from the records rebuilds the same enforcement."""
-    from gatewayd.core.commands import Quarantine, Release
+    """The Quarantine/Release and Track/Untrack commands emitted, replayed in order, always equal the enforced
+    and tracked prefixes; and a restore from the records rebuilds the same enforcement."""
+    from gatewayd.core.commands import Quarantine, Release, Track, Untrack
 
     gw = Gateway()
     held: set[str] = set()
+    tracked: set[str] = set()
     now = 1000.0
     for delta, event in steps:
         now += delta
@@ -110,7 +111,12 @@ def test_enforcement_commands_track_state(steps: list[tuple[float, ev.Event]]) -
                 held |= set(cmd.prefixes)
             elif isinstance(cmd, Release):
                 held -= set(cmd.prefixes)
+            elif isinstance(cmd, Track):
+                tracked |= set(cmd.prefixes)
+            elif isinstance(cmd, Untrack):
+                tracked -= set(cmd.prefixes)
         assert held == gw.enforced_prefixes()
+        assert tracked == gw.tracked_prefixes()
     fresh = Gateway()
     fresh.restore(gw.teams.values(), gw.members.values(),
                   [record_of(p) for p in gw.peers.values() if p.state is not None])

@@ -1,0 +1,72 @@
+"""The nftables adapter against the kernel, in a namespace of the test's own."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gatewayd.adapters.nftables import NftEnforcer
+from gatewayd.ports import SetChange
+from tests.netns import inside, namespace, nft
+
+pytestmark = pytest.mark.kernel
+
+
+def elements(ns: str, name: str) -> set[str]:
+    listing = json.loads(nft(ns, "-j", "list", "set", "inet", "gatewayd", name))
+    out = set()
+    for item in listing["nftables"]:
+        for e in item.get("set", {}).get("elem", []):
+            out.add(e if isinstance(e, str) else f"{e['prefix']['addr']}/{e['prefix']['len']}")
+    return out
+
+
+async def test_reconcile_creates_then_changes_nothing_and_leaves_other_tables_alone() -> None:
+    with namespace() as ns:
+        nft(ns, "add", "table", "inet", "somebody_else")
+        nft(ns, "add", "chain", "inet", "somebody_else", "c", "{ type filter hook forward priority 0; }")
+        nft(ns, "add", "rule", "inet", "somebody_else", "c", "ct", "state", "established", "counter")
+        with inside(ns):
+            enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+            assert await enforcer.reconcile({"10.0.0.2/32", "fd00::2/128", "10.1.0.0/24"}, {"10.0.0.2/32"})
+            before = nft(ns, "list", "ruleset")
+            assert not await enforcer.reconcile({"10.0.0.2/32", "fd00::2/128", "10.1.0.0/24"}, {"10.0.0.2/32"})
+            assert nft(ns, "list", "ruleset") == before
+        assert elements(ns, "quarantine4") == {"10.0.0.2", "10.1.0.0/24"}
+        assert elements(ns, "quarantine6") == {"fd00::2"}
+        assert elements(ns, "tracked4") == {"10.0.0.2"}
+        assert "ct state established counter" in nft(ns, "list", "table", "inet", "somebody_else")
+        assert "reject with icmp admin-prohibited" in before
+
+
+async def test_reconcile_repairs_a_tampered_table_in_one_step() -> None:
+    with namespace() as ns:
+        with inside(ns):
+            enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+            await enforcer.reconcile({"10.0.0.2/32"}, set())
+        nft(ns, "flush", "chain", "inet", "gatewayd", "forward_quarantine")
+        nft(ns, "add", "element", "inet", "gatewayd", "quarantine4", "{ 10.0.0.9 }")
+        with inside(ns):
+            fresh = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+            assert await fresh.reconcile({"10.0.0.2/32"}, set())
+            assert not await fresh.reconcile({"10.0.0.2/32"}, set())
+        assert elements(ns, "quarantine4") == {"10.0.0.2"}
+        assert "saddr @quarantine4 reject" in nft(ns, "list", "chain", "inet", "gatewayd", "forward_quarantine")
+
+
+async def test_apply_is_one_transaction_and_idempotent() -> None:
+    with namespace() as ns:
+        with inside(ns):
+            enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+            await enforcer.reconcile(set(), set())
+            many = [f"10.{i // 250}.{i % 250}.1/32" for i in range(5000)]
+            await enforcer.apply(SetChange(quarantine=many, track=many[:10]))
+            assert len(enforcer.quarantined()) == 5000
+            await enforcer.apply(SetChange(release=many[:4000] + ["10.200.0.1/32"], untrack=many[:5]))
+            # A failing transaction changes nothing: an overlapping interval is refused as a whole.
+            with pytest.raises(RuntimeError):
+                await enforcer.apply(SetChange(quarantine=["10.250.0.1/32", "10.0.0.0/8"]))
+        assert len(elements(ns, "quarantine4")) == 1000
+        assert "10.250.0.1" not in elements(ns, "quarantine4")
+        assert elements(ns, "tracked4") == {p.removesuffix("/32") for p in many[5:10]}

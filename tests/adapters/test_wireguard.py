@@ -1,0 +1,110 @@
+"""WireGuard sources: UAPI against a real wireguard-go; the kernel path's message decoding."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import time
+
+import pytest
+from pyroute2.netlink.generic.wireguard import wgmsg
+
+from gatewayd.adapters.wireguard.kernel import decode_device
+from gatewayd.adapters.wireguard.uapi import UapiWireGuard, parse_get, reset_request
+from gatewayd.core.tracking import PeerSnapshot
+from gatewayd.lab.netlab import UAPI_DIR, Lab, keypair, run
+
+
+def test_parse_get_answer() -> None:
+    key = bytes(range(32))
+    text = (f"private_key={'11' * 32}\nlisten_port=51820\npublic_key={key.hex()}\npreshared_key={'22' * 32}\n"
+            "protocol_version=1\nendpoint=[2001:db8::1]:4000\nlast_handshake_time_sec=1700000000\n"
+            "last_handshake_time_nsec=500000000\ntx_bytes=10\nrx_bytes=20\npersistent_keepalive_interval=25\n"
+            "allowed_ip=10.0.0.2/32\nallowed_ip=fd00::2/128\n"
+            f"public_key={'33' * 32}\nlast_handshake_time_sec=0\nlast_handshake_time_nsec=0\n"
+            f"preshared_key={'00' * 32}\nerrno=0\n\n")
+    peers = parse_get(text)
+    p = peers[base64.b64encode(key).decode()]
+    assert p.endpoint == "[2001:db8::1]:4000" and p.allowed_ips == ("10.0.0.2/32", "fd00::2/128")
+    assert p.last_handshake == 1700000000.5 and (p.rx_bytes, p.tx_bytes, p.keepalive) == (20, 10, 25)
+    assert p.preshared_key == bytes([0x22]) * 32
+    other = peers[base64.b64encode(bytes([0x33]) * 32).decode()]
+    assert other.last_handshake is None and other.preshared_key is None and other.endpoint is None
+    assert "22" * 32 not in repr(p)
+
+
+def test_reset_request_restores_the_configuration() -> None:
+    key = base64.b64encode(bytes(range(32))).decode()
+    snap = PeerSnapshot(public_key=key, endpoint="198.18.1.2:4000", allowed_ips=("10.0.0.2/32",),
+                        last_handshake=1.0, rx_bytes=0, tx_bytes=0, keepalive=25, preshared_key=b"\x01" * 32)
+    text = reset_request([snap])
+    hexkey = bytes(range(32)).hex()
+    assert text.startswith(f"set=1\npublic_key={hexkey}\nremove=true\npublic_key={hexkey}\n")
+    for line in (f"preshared_key={'01' * 32}", "endpoint=198.18.1.2:4000", "persistent_keepalive_interval=25",
+                 "replace_allowed_ips=true", "allowed_ip=10.0.0.2/32"):
+        assert line in text.splitlines()
+    assert text.endswith("\n\n")
+
+
+def test_kernel_device_messages_decode() -> None:
+    """The genetlink path cannot run here (no kernel WireGuard); its decoding of WG_CMD_GET_DEVICE is real."""
+    key = base64.b64encode(bytes(range(32))).decode()
+    psk = base64.b64encode(b"\x07" * 32).decode()
+    msg = wgmsg()
+    msg["cmd"], msg["version"] = 0, 1
+    msg["attrs"] = [("WGDEVICE_A_IFNAME", "wg0"), ("WGDEVICE_A_PEERS", [{"attrs": [
+        ("WGPEER_A_PUBLIC_KEY", {"value": key}),
+        ("WGPEER_A_PRESHARED_KEY", {"value": psk}),
+        ("WGPEER_A_ENDPOINT", {"addr": "198.18.1.2", "port": 4000}),
+        ("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", 25),
+        ("WGPEER_A_LAST_HANDSHAKE_TIME", {"tv_sec": 1700000000, "tv_nsec": 250000000}),
+        ("WGPEER_A_RX_BYTES", 20), ("WGPEER_A_TX_BYTES", 10),
+        ("WGPEER_A_ALLOWEDIPS", [{"attrs": [("WGALLOWEDIP_A_FAMILY", socket.AF_INET),
+                                            ("WGALLOWEDIP_A_IPADDR", socket.inet_pton(socket.AF_INET, "10.0.0.2")),
+                                            ("WGALLOWEDIP_A_CIDR_MASK", 32)]}]),
+    ]}])]
+    msg.encode()
+    decoded = wgmsg(msg.data)
+    decoded.decode()
+    peers = decode_device([decoded])
+    p = peers[key]
+    assert p.endpoint == "198.18.1.2:4000" and p.allowed_ips == ("10.0.0.2/32",)
+    assert p.last_handshake == 1700000000.25 and p.keepalive == 25 and (p.rx_bytes, p.tx_bytes) == (20, 10)
+    assert p.preshared_key == b"\x07" * 32
+
+
+@pytest.mark.kernel
+async def test_uapi_reads_and_resets_a_real_wireguard_go() -> None:
+    lab = Lab(peers_wanted=1)
+    with lab.running():
+        peer = lab.peers[0]
+        first = lab.wait_handshake(peer)
+        psk = base64.b64encode(b"\x05" * 32).decode()
+        run("wg", "set", lab.gw_iface, "peer", peer.public_key, "preshared-key", "/dev/stdin", ns=lab.gw_ns,
+            input_=psk)
+        run("wg", "set", peer.iface, "peer", lab.gw_public, "preshared-key", "/dev/stdin", ns=peer.ns, input_=psk)
+        source = UapiWireGuard(UAPI_DIR / f"{lab.gw_iface}.sock")
+        snap = (await source.read())[peer.public_key]
+        assert snap.allowed_ips == (f"{peer.tunnel_ip}/32", f"{peer.tunnel_ip6}/128")
+        assert snap.endpoint and snap.endpoint.startswith(peer.underlay) and snap.keepalive == 25
+        assert snap.last_handshake == pytest.approx(first, abs=1.0)
+        time.sleep(1.1)  # handshake times have a resolution of one second in `wg show`
+        await source.reset_sessions([snap])
+        after = (await source.read())[peer.public_key]
+        assert (after.allowed_ips, after.endpoint, after.keepalive) == (snap.allowed_ips, snap.endpoint, 25)
+        assert after.preshared_key == b"\x05" * 32
+        # The keys were dropped: the next exchange needs (and gets) a fresh handshake.
+        assert lab.wait_handshake(peer, after=first, timeout=10) > first
+
+
+@pytest.mark.kernel
+async def test_uapi_reads_thousands_of_peers() -> None:
+    lab = Lab(peers_wanted=0)
+    with lab.running():
+        lines = ["set=1"]
+        for i in range(2000):
+            _, public = keypair()
+            lines += [f"public_key={base64.b64decode(public).hex()}", f"allowed_ip=10.{100 + i // 250}.{i % 250}.1/32"]
+        source = UapiWireGuard(UAPI_DIR / f"{lab.gw_iface}.sock")
+        assert (await source._exchange("\n".join(lines) + "\n\n")).strip() == "errno=0"
+        assert len(await source.read()) == 2000
