@@ -63,7 +63,7 @@ async def test_apply_is_one_transaction_and_idempotent() -> None:
             many = [f"10.{i // 250}.{i % 250}.1/32" for i in range(5000)]
             await enforcer.apply(SetChange(quarantine=many, track=many[:10]))
             assert len(enforcer.quarantined()) == 5000
-            await enforcer.apply(SetChange(release=many[:4000] + ["10.200.0.1/32"], untrack=many[:5]))
+            await enforcer.apply(SetChange(release=[*many[:4000], "10.200.0.1/32"], untrack=many[:5]))
             # A failing transaction changes nothing: an overlapping interval is refused as a whole.
             with pytest.raises(RuntimeError):
                 await enforcer.apply(SetChange(quarantine=["10.250.0.1/32", "10.0.0.0/8"]))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import socket
-import time
 
 import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
@@ -88,7 +88,7 @@ async def test_uapi_reads_and_resets_a_real_wireguard_go() -> None:
         assert snap.allowed_ips == (f"{peer.tunnel_ip}/32", f"{peer.tunnel_ip6}/128")
         assert snap.endpoint and snap.endpoint.startswith(peer.underlay) and snap.keepalive == 25
         assert snap.last_handshake == pytest.approx(first, abs=1.0)
-        time.sleep(1.1)  # handshake times have a resolution of one second in `wg show`
+        await asyncio.sleep(1.1)  # handshake times have a resolution of one second in `wg show`
         await source.reset_sessions([snap])
         after = (await source.read())[peer.public_key]
         assert (after.allowed_ips, after.endpoint, after.keepalive) == (snap.allowed_ips, snap.endpoint, 25)
