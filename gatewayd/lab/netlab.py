@@ -187,6 +187,16 @@ class Lab:
             run("ip", "route", "add", dest, "dev", peer.iface, ns=peer.ns)
         run("ip", "-6", "route", "add", "fd99::1/128", "dev", peer.iface, ns=peer.ns)
 
+    def add_peer(self) -> LabPeer:
+        """A new peer namespace, configured on the gateway's interface now (as a control plane would)."""
+        index = max((p.index for p in self.peers), default=0) + 1
+        private, public = keypair()
+        peer = LabPeer(index=index, ns=f"gwd{self.tag}-p{index}", iface=f"gwd{self.tag}p{index}",
+                       private_key=private, public_key=public)
+        self.peers.append(peer)
+        self._add_peer(peer)
+        return peer
+
     # ---- running things ---------------------------------------------------------------------------
 
     def spawn(self, ns: str, *cmd: str, log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
