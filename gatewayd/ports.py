@@ -61,6 +61,14 @@ class PeerSource(Protocol):
 class FlowTable(Protocol):
     """Connection tracking."""
 
+    async def start(self) -> None:
+        """Begin following the flow table (before the first flush)."""
+        ...
+
+    async def close(self) -> None:
+        """Stop following it."""
+        ...
+
     async def flush(self, prefixes: Sequence[str]) -> int:
         """Delete entries from or to these prefixes; returns how many."""
         ...

@@ -58,6 +58,12 @@ class MemoryFlows:
     def __init__(self) -> None:
         self.flushed: list[str] = []
 
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
     async def flush(self, prefixes: Sequence[str]) -> int:
         self.flushed.extend(prefixes)
         return len(prefixes)

@@ -90,6 +90,8 @@ class Lab:
     """Keepalive the gateway configures for its peers (so a reset peer re-handshakes at once)."""
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gatewayd-lab-")))
     """Scratch files (keys, configs, logs)."""
+    keep_files: bool = False
+    """Keep the scratch files after `down()` (for debugging)."""
 
     def __post_init__(self) -> None:
         self.gw_ns, self.srv_ns = f"gwd{self.tag}-gw", f"gwd{self.tag}-srv"
@@ -262,6 +264,8 @@ class Lab:
         for iface in [self.gw_iface, *(p.iface for p in self.peers)]:
             with contextlib.suppress(FileNotFoundError):
                 (UAPI_DIR / f"{iface}.sock").unlink()
+        if not self.keep_files:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def namespaces(self) -> Sequence[str]:
         return list(self._namespaces)

@@ -86,6 +86,8 @@ class Daemon:
     async def start(self) -> None:
         self.config.gateway.database.parent.mkdir(parents=True, exist_ok=True)
         await self.store.open()
+        if self.adapters.flows is not None:
+            await self.adapters.flows.start()
         teams, members, records = await self.store.load()
         self.core.restore(teams, members, records)
         await self.adapters.enforcer.reconcile(self.core.enforced_prefixes(), self.core.tracked_prefixes())
@@ -144,6 +146,8 @@ class Daemon:
         for task in reversed(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.adapters.flows is not None:
+            await self.adapters.flows.close()
         await self.store.close()
         log.info("gatewayd stopped; quarantine left in place")
 

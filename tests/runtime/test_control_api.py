@@ -238,6 +238,9 @@ async def test_watch_events_live_and_resumed(gw: Harness) -> None:
     e = await asyncio.wait_for(resumed.read(), 5)
     assert e.type == "disconnect.executed" and json.loads(e.data_json)["reason"] == "siem"
     resumed.cancel()
+    everything = gw.local().WatchEvents(control_pb2.WatchEventsRequest(after_cursor=0))
+    assert (await asyncio.wait_for(everything.read(), 5)).cursor == 1
+    everything.cancel()
 
 
 # ---- restart -----------------------------------------------------------------------------------------

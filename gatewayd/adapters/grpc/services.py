@@ -105,8 +105,8 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
         try:
             # Subscribed: tell the caller where the live stream starts, before any event.
             await context.send_initial_metadata([("gatewayd-cursor", str(self.driver.store.next_cursor - 1))])
-            last = request.after_cursor
-            if last:
+            last = request.after_cursor if request.HasField("after_cursor") else self.driver.store.next_cursor - 1
+            if request.HasField("after_cursor"):
                 while page := await self.driver.store.events_after(last):
                     for e in page:
                         last = e.cursor

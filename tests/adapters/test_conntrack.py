@@ -1,0 +1,75 @@
+"""The conntrack adapter against the kernel: flows from before the start (seeded by a dump) and after it
+(learned from events) are deleted by address; others stay."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from gatewayd.adapters.conntrack import Conntrack
+from tests.netns import inside, namespace
+
+pytestmark = pytest.mark.kernel
+
+
+def flows(ns: str, source: str) -> int:
+    out = subprocess.run(["ip", "netns", "exec", ns, "conntrack", "-L", "-s", source], capture_output=True,
+                         text=True, check=False).stdout
+    return len(out.splitlines())
+
+
+def in_namespace(ns: str, fn: object) -> None:
+    """Run fn on a thread that entered the namespace (sockets belong to their creator's namespace)."""
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            with inside(ns):
+                fn()  # type: ignore[operator]
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(30)
+    if errors:
+        raise errors[0]
+
+
+def send(source: str, count: int) -> None:
+    for _ in range(count):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((source, 0))
+            s.sendto(b"x", ("127.0.0.1", 7))
+
+
+async def test_flush_deletes_seeded_and_learned_flows_by_address() -> None:
+    with namespace() as ns:
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], check=True, text=True, input=(
+            "table inet t {\n chain c {\n type filter hook output priority 0;\n ct state new counter\n }\n}\n"))
+        for address in ("10.99.0.3", "10.99.0.4"):
+            subprocess.run(["ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+        in_namespace(ns, lambda: send("10.99.0.3", 5))
+        with inside(ns):
+            ct = Conntrack()
+            await ct.start()
+        try:
+            in_namespace(ns, lambda: (send("10.99.0.3", 7), send("10.99.0.4", 9)))
+            assert flows(ns, "10.99.0.3") == 12 and flows(ns, "10.99.0.4") == 9
+            with inside(ns):
+                assert await ct.flush(["10.99.0.3/32"]) == 12
+            assert flows(ns, "10.99.0.3") == 0 and flows(ns, "10.99.0.4") == 9
+            with inside(ns):
+                assert await ct.flush(["10.99.0.0/24"]) == 9
+            assert flows(ns, "10.99.0.4") == 0
+            # A lost event stream falls back to one walk of the table.
+            in_namespace(ns, lambda: send("10.99.0.4", 3))
+            ct._by_address.clear()
+            ct._stale = True
+            with inside(ns):
+                assert await ct.flush(["10.99.0.4/32"]) == 3
+        finally:
+            await ct.close()
