@@ -46,18 +46,28 @@ def send(source: str, count: int) -> None:
             s.sendto(b"x", ("127.0.0.1", 7))
 
 
+def prepare(ns: str) -> None:
+    """Conntrack is on in a namespace once a rule uses it; two local sources to send from."""
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], check=True, text=True, input=(
+        "table inet t {\n chain c {\n type filter hook output priority 0;\n ct state new counter\n }\n}\n"))
+    for address in ("10.99.0.3", "10.99.0.4"):
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+
+
+def send_both() -> None:
+    send("10.99.0.3", 7)
+    send("10.99.0.4", 9)
+
+
 async def test_flush_deletes_seeded_and_learned_flows_by_address() -> None:
     with namespace() as ns:
-        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], check=True, text=True, input=(
-            "table inet t {\n chain c {\n type filter hook output priority 0;\n ct state new counter\n }\n}\n"))
-        for address in ("10.99.0.3", "10.99.0.4"):
-            subprocess.run(["ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+        prepare(ns)
         in_namespace(ns, lambda: send("10.99.0.3", 5))
         with inside(ns):
             ct = Conntrack()
             await ct.start()
         try:
-            in_namespace(ns, lambda: (send("10.99.0.3", 7), send("10.99.0.4", 9)))
+            in_namespace(ns, send_both)
             assert flows(ns, "10.99.0.3") == 12 and flows(ns, "10.99.0.4") == 9
             with inside(ns):
                 assert await ct.flush(["10.99.0.3/32"]) == 12
