@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,12 +38,12 @@ class Enforcer(Protocol):
         """Apply one change in one atomic transaction."""
         ...
 
-    def quarantined(self) -> frozenset[str]:
-        """The quarantined prefixes, as last written."""
+    def quarantined(self) -> AbstractSet[str]:
+        """The quarantined prefixes, as last written (a read-only view)."""
         ...
 
-    def tracked(self) -> frozenset[str]:
-        """The tracked prefixes, as last written."""
+    def tracked(self) -> AbstractSet[str]:
+        """The tracked prefixes, as last written (a read-only view)."""
         ...
 
 

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import threading
 from collections.abc import Collection
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import nftables
@@ -172,11 +173,11 @@ class NftEnforcer:
 
     # ---- the port ---------------------------------------------------------------------------------
 
-    def quarantined(self) -> frozenset[str]:
-        return frozenset(self._held["quarantine"])
+    def quarantined(self) -> AbstractSet[str]:
+        return self._held["quarantine"]
 
-    def tracked(self) -> frozenset[str]:
-        return frozenset(self._held["tracked"])
+    def tracked(self) -> AbstractSet[str]:
+        return self._held["tracked"]
 
     async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> bool:
         desired = {"quarantine": {_normalize(p) for p in quarantined},

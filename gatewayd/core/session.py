@@ -183,6 +183,9 @@ class Gateway:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return None
+        for key in self._listed.get(f"{ip}/{ip.max_prefixlen}", ()):
+            if self.peers[key].present:
+                return self.peers[key]
         best: tuple[int, Peer] | None = None
         for peer in self.peers.values():
             if not peer.present:

@@ -10,7 +10,7 @@ import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
 
 from gatewayd.adapters.wireguard.kernel import decode_device
-from gatewayd.adapters.wireguard.uapi import UapiWireGuard, parse_get, reset_request
+from gatewayd.adapters.wireguard.uapi import UapiWireGuard, parse_get, reset_request, split_peers
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.lab.netlab import UAPI_DIR, Lab, keypair, run
 
@@ -108,3 +108,15 @@ async def test_uapi_reads_thousands_of_peers() -> None:
         source = UapiWireGuard(UAPI_DIR / f"{lab.gw_iface}.sock")
         assert (await source._exchange("\n".join(lines) + "\n\n")).strip() == "errno=0"
         assert len(await source.read()) == 2000
+
+
+def test_split_peers_keeps_whole_peers() -> None:
+    keys = [bytes([i]) * 32 for i in range(7)]
+    text = "private_key=" + "11" * 32 + "\nlisten_port=1\n" + "".join(
+        f"public_key={k.hex()}\nallowed_ip=10.0.0.{i}/32\nrx_bytes={i}\n" for i, k in enumerate(keys)) + "errno=0\n\n"
+    pieces = split_peers(text, 3)
+    assert len(pieces) == 3 and "".join(pieces) == text
+    merged: dict[str, PeerSnapshot] = {}
+    for piece in pieces:
+        merged.update(parse_get(piece))
+    assert merged == parse_get(text) and len(merged) == 7

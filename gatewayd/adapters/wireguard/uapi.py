@@ -18,6 +18,7 @@ from gatewayd.core.tracking import PeerSnapshot
 # ~325 bytes per peer: the reader's buffer must hold far more than asyncio's 64 KiB default.
 READ_LIMIT = 64 * 1024 * 1024
 ZERO_KEY = "0" * 64
+PEERS_PER_SLICE = 500
 
 
 class UapiError(OSError):
@@ -88,6 +89,24 @@ def parse_get(text: str) -> dict[str, PeerSnapshot]:
     return peers
 
 
+def split_peers(text: str, per_chunk: int) -> list[str]:
+    """Cut a "get=1" answer into pieces of whole peers, each parseable by parse_get (errno stays last)."""
+    starts = []
+    pos = text.find("public_key=")
+    while pos != -1:
+        starts.append(pos)
+        pos = text.find("\npublic_key=", pos + 1)
+        pos = pos + 1 if pos != -1 else -1
+    if not starts:
+        return [text]
+    cuts = [*starts[::per_chunk][1:], len(text)]
+    pieces, begin = [], 0
+    for cut in cuts:
+        pieces.append(text[begin:cut])
+        begin = cut
+    return pieces
+
+
 def reset_request(peers: Sequence[PeerSnapshot]) -> str:
     """One "set=1" that removes each peer and re-adds it with its saved configuration."""
     lines = ["set=1"]
@@ -121,7 +140,13 @@ class UapiWireGuard:
         return data.decode()
 
     async def read(self) -> dict[str, PeerSnapshot]:
-        return parse_get(await self._exchange("get=1\n\n"))
+        text = await self._exchange("get=1\n\n")
+        # ~4 ms of parsing per 1,000 peers: parse in slices and let other work (a Disconnect) run between.
+        peers: dict[str, PeerSnapshot] = {}
+        for chunk in split_peers(text, PEERS_PER_SLICE):
+            peers.update(parse_get(chunk))
+            await asyncio.sleep(0)
+        return peers
 
     async def reset_sessions(self, peers: Sequence[PeerSnapshot]) -> None:
         answer = await self._exchange(reset_request(peers))
