@@ -55,12 +55,14 @@ class EndpointChanged(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class DisconnectRequested(Event):
-    """The control plane asked for a step-up: exactly one of member_id or public_key is set."""
+    """The control plane asked for a step-up: exactly one of member_id, public_key or team_id is set."""
 
     member_id: str | None = None
     """All peers of this member."""
     public_key: str | None = None
     """One peer."""
+    team_id: str | None = None
+    """All peers of all members of this team."""
     reason: str = ""
     """Free text for the event."""
 

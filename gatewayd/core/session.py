@@ -369,53 +369,63 @@ class Gateway:
             out.append(self._publish("peer.reverify_due", peer, proven_at=peer.proven_at))
 
     def _on_disconnect(self, e: ev.DisconnectRequested, now: float, out: list[Command]) -> None:
-        warnings: list[str] = []
-        targets: list[Peer]
-        if e.member_id is not None:
+        groups: list[tuple[Member | None, list[Peer]]]
+        if e.team_id is not None:
+            members = [m for m in self.members.values() if m.team_id == e.team_id]
+            known = bool(members) or e.team_id in self.teams
+            groups = [(m, [self.peers[k] for k in sorted(m.peers) if k in self.peers]) for m in members]
+        elif e.member_id is not None:
             member = self.members.get(e.member_id)
-            if member is None:
-                self._reply(e, out, DisconnectOutcome(
-                    sessions_cut=0, peers_quarantined=0, cause="unknown_subject", warnings=()))
-                return
-            targets = [self.peers[k] for k in sorted(member.peers) if k in self.peers]
+            known = member is not None
+            groups = [(member, [self.peers[k] for k in sorted(member.peers) if k in self.peers])] if member else []
         else:
             peer = self.peers.get(e.public_key or "")
-            if peer is None:
-                self._reply(e, out, DisconnectOutcome(
-                    sessions_cut=0, peers_quarantined=0, cause="unknown_subject", warnings=()))
-                return
-            targets = [peer]
-            member = self.member_of(peer)
-        if not targets:
+            known = peer is not None
+            groups = [(self.member_of(peer), [peer])] if peer else []
+        if not known:
+            self._reply(e, out, DisconnectOutcome(
+                sessions_cut=0, peers_quarantined=0, cause="unknown_subject", warnings=()))
+            return
+        if not any(peers for _, peers in groups):
             self._reply(e, out, DisconnectOutcome(
                 sessions_cut=0, peers_quarantined=0, cause="session_context_not_found", warnings=()))
             return
-        team = self.policy_of(member)
-        if member is not None and (team is None or not team.named_proofs()):
-            warnings.append(no_connection_policy_warning(member.team_id))
-        cut = 0
-        for peer in targets:
-            demand = policy.for_step_up(team, member)
-            self._require(peer, demand, now, out, step_up=True)
-            if demand.locked is not None:
-                warnings.append(f"peer {peer.public_key} is locked in quarantine: {demand.locked.value}")
-            if peer.present:
-                out.append(ResetPeerSession(public_key=peer.public_key))
-                if peer.allowed_ips:
-                    out.append(FlushFlows(prefixes=peer.allowed_ips))
-                if peer.session_live:
-                    cut += 1
-                peer.session_live = False
-            out.append(self._save(peer))
-        subject = f"member/{member.member_id}" if member else f"peer/{targets[0].public_key}"
-        out.append(Publish(type="disconnect.executed", subject=subject, data={
-            "reason": e.reason,
-            "peers": [p.public_key for p in targets],
-            "sessions_cut": cut,
-        }))
+        warnings: list[str] = []
+        cut = quarantined = 0
+        for member, targets in groups:
+            if not targets:
+                continue
+            team = self.policy_of(member)
+            if member is not None and (team is None or not team.named_proofs()):
+                warnings.append(no_connection_policy_warning(member.team_id))
+            member_cut = 0
+            for peer in targets:
+                demand = policy.for_step_up(team, member)
+                self._require(peer, demand, now, out, step_up=True)
+                if demand.locked is not None:
+                    warnings.append(f"peer {peer.public_key} is locked in quarantine: {demand.locked.value}")
+                if peer.present:
+                    out.append(ResetPeerSession(public_key=peer.public_key))
+                    if peer.allowed_ips:
+                        out.append(FlushFlows(prefixes=peer.allowed_ips))
+                    if peer.session_live:
+                        member_cut += 1
+                    peer.session_live = False
+                out.append(self._save(peer))
+            cut += member_cut
+            quarantined += len(targets)
+            subject = f"member/{member.member_id}" if member else f"peer/{targets[0].public_key}"
+            out.append(Publish(type="disconnect.executed", subject=subject, data={
+                "reason": e.reason,
+                "peers": [p.public_key for p in targets],
+                "sessions_cut": member_cut,
+                **({"team_id": e.team_id} if e.team_id else {}),
+            }))
+        unique = tuple(dict.fromkeys(warnings))
+        if len(unique) > 20:
+            unique = (*unique[:20], f"... and {len(unique) - 20} more warnings")
         self._reply(e, out, DisconnectOutcome(
-            sessions_cut=cut, peers_quarantined=len(targets), cause=None,
-            warnings=tuple(dict.fromkeys(warnings))))
+            sessions_cut=cut, peers_quarantined=quarantined, cause=None, warnings=unique))
 
     def _on_policy(self, e: ev.TeamPolicyApplied, now: float, out: list[Command]) -> None:
         team = e.policy

@@ -155,8 +155,8 @@ class Operations:
         return job
 
     def disconnect(self, *, member_id: str | None, public_key: str | None, reason: str,
-                   idempotency_key: str) -> Job:
-        fingerprint = hashlib.sha256(json.dumps([member_id, public_key, reason]).encode()).hexdigest()
+                   idempotency_key: str, team_id: str | None = None) -> Job:
+        fingerprint = hashlib.sha256(json.dumps([member_id, public_key, team_id, reason]).encode()).hexdigest()
 
         async def job(b: Batch) -> tuple[DisconnectOutcome, bool]:
             seen = await b.store.idempotent_response(idempotency_key)
@@ -168,7 +168,7 @@ class Operations:
                 return DisconnectOutcome(sessions_cut=o["sessions_cut"], peers_quarantined=o["peers_quarantined"],
                                          cause=o["cause"], warnings=tuple(o["warnings"])), True
             outcome: DisconnectOutcome = b.feed(ev.DisconnectRequested(
-                member_id=member_id, public_key=public_key, reason=reason))
+                member_id=member_id, public_key=public_key, team_id=team_id, reason=reason))
             await b.store.save_idempotent_response(idempotency_key, {
                 "fingerprint": fingerprint,
                 "outcome": {"sessions_cut": outcome.sessions_cut, "peers_quarantined": outcome.peers_quarantined,

@@ -29,16 +29,18 @@ TOTP_ALGORITHM_SHA256: TotpAlgorithm
 TOTP_ALGORITHM_SHA512: TotpAlgorithm
 
 class DisconnectRequest(_message.Message):
-    __slots__ = ("member_id", "peer_public_key", "reason", "idempotency_key")
+    __slots__ = ("member_id", "peer_public_key", "team_id", "reason", "idempotency_key")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    TEAM_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     peer_public_key: str
+    team_id: str
     reason: str
     idempotency_key: str
-    def __init__(self, member_id: _Optional[str] = ..., peer_public_key: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    def __init__(self, member_id: _Optional[str] = ..., peer_public_key: _Optional[str] = ..., team_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class DisconnectResponse(_message.Message):
     __slots__ = ("sessions_cut", "peers_quarantined", "cause", "warnings", "replayed")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gatewayd.core import events as ev
-from gatewayd.core.commands import FlushFlows, Reply
+from gatewayd.core.commands import FlushFlows, Publish, Reply
 from gatewayd.core.model import Factor, PeerState, ProofKind, Role, Roles, Scope
 from gatewayd.core.session import REJECT_AFTER_TIME, TRANSITIONS, CoreBug, DisconnectOutcome, Trigger
 from tests.core.playbook import K1, K2, Play, kinds, member, published, quarantined, released, reply, resets, team
@@ -280,3 +280,16 @@ def test_restore_rebuilds_state_and_timers() -> None:
     fresh.restore(play.gw.teams.values(), play.gw.members.values(), records)
     assert fresh.enforced_prefixes() == play.gw.enforced_prefixes() == {IP1}
     assert fresh.peers[K1].owes == {ProofKind.OTP}
+
+
+def test_team_disconnect_covers_every_member() -> None:
+    play = Play()
+    connected(play)
+    play(ev.MemberUpserted(member=member("bob", peers=(K2,))))
+    play(ev.PeerConfigured(public_key=K2, allowed_ips=(IP2,)))
+    out = play(ev.DisconnectRequested(team_id="t", reason="incident", request_id=9))
+    answer = reply(out)
+    assert answer.peers_quarantined == 2 and quarantined(out) == {IP1, IP2}
+    assert [c.subject for c in out if isinstance(c, Publish) and c.type == "disconnect.executed"] == [
+        "member/alice", "member/bob"]
+    assert reply(play(ev.DisconnectRequested(team_id="nobody", request_id=10))).cause == "unknown_subject"

@@ -148,12 +148,13 @@ def _device(c: control_pb2.DeviceCredential, i: int) -> tuple[bytes, bytes, int,
 def disconnect(req: control_pb2.DisconnectRequest) -> dict[str, str | None]:
     which = req.WhichOneof("target")
     if which is None:
-        raise invalid("target", "set member_id or peer_public_key")
+        raise invalid("target", "set member_id, peer_public_key or team_id")
     if len(req.reason) > MAX_REASON:
         raise invalid("reason", f"must be at most {MAX_REASON} characters")
     return {
         "member_id": ident(req.member_id, "member_id") if which == "member_id" else None,
         "public_key": public_key(req.peer_public_key, "peer_public_key") if which == "peer_public_key" else None,
+        "team_id": ident(req.team_id, "team_id") if which == "team_id" else None,
         "reason": req.reason,
         "idempotency_key": ident(req.idempotency_key, "idempotency_key"),
     }

@@ -27,7 +27,8 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
                          ) -> control_pb2.DisconnectResponse:
         args = convert.disconnect(request)
         outcome, replayed = await self.driver.submit(self.ops.disconnect(
-            member_id=args["member_id"], public_key=args["public_key"], reason=args["reason"] or "",
+            member_id=args["member_id"], public_key=args["public_key"], team_id=args["team_id"],
+            reason=args["reason"] or "",
             idempotency_key=args["idempotency_key"] or ""))
         return convert.disconnect_response(outcome, replayed)
 
