@@ -1,15 +1,15 @@
-"""A throwaway network namespace for adapter tests: created per test, deleted after, code run inside it."""
+"""A throwaway network namespace for adapter tests: created per test, deleted after."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import secrets
 import subprocess
 from collections.abc import Iterator
 
-CLONE_NEWNET = 0x40000000
+from gatewayd.lab.netlab import entered as inside
+
+__all__ = ["inside", "namespace", "nft"]
 
 
 @contextlib.contextmanager
@@ -21,22 +21,6 @@ def namespace() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
-
-
-@contextlib.contextmanager
-def inside(name: str) -> Iterator[None]:
-    """Move the calling thread into the namespace (netns is per thread) and back afterwards."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        yield
-    finally:
-        libc.setns(own, CLONE_NEWNET)
-        os.close(own)
-        os.close(target)
 
 
 def nft(ns: str, *args: str) -> str:

@@ -192,29 +192,35 @@ class Conntrack:
             self._events = None
 
     def flush_sync(self, prefixes: Sequence[str]) -> int:
-        nets: list[Net] = [ipaddress.ip_network(p, strict=False) for p in prefixes]
+        hosts: list[bytes] = []
+        wide: list[Net] = []
+        for p in prefixes:
+            host, _, length = p.partition("/")
+            af = socket.AF_INET6 if ":" in host else socket.AF_INET
+            if length in ("", "128" if af == socket.AF_INET6 else "32"):
+                hosts.append(socket.inet_pton(af, host))
+            else:
+                wide.append(ipaddress.ip_network(p, strict=False))
         with self._lock:
             self.drain()
             if self._stale or self._events is None:
                 self._reseed()
             doomed: set[tuple[int, bytes]] = set()
-            hosts = [n for n in nets if n.prefixlen == n.max_prefixlen]
-            for n in hosts:
-                doomed |= self._by_address.get(n.network_address.packed, set())
-            wide = [n for n in nets if n.prefixlen != n.max_prefixlen]
+            for packed in hosts:
+                doomed |= self._by_address.get(packed, set())
             if wide:
-                for address, entries in self._by_address.items():
-                    ip = ipaddress.ip_address(address)
+                for raw, entries in self._by_address.items():
+                    ip = ipaddress.ip_address(raw)
                     if any(ip in n for n in wide if n.version == ip.version):
                         doomed |= entries
             if not doomed:
                 return 0
-            batch = b"".join(self._message(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, family,
-                                           nla(CTA_TUPLE_ORIG | NLA_F_NESTED, t)) for family, t in doomed)
+            batch = b"".join(self._message(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, fam,
+                                           nla(CTA_TUPLE_ORIG | NLA_F_NESTED, t)) for fam, t in doomed)
             with self._socket() as sock:
                 _, deleted = self._request(sock, batch, len(doomed))
-            for family, t in doomed:
-                self._index(family, t, False)
+            for fam, t in doomed:
+                self._index(fam, t, False)
             return deleted
 
     async def flush(self, prefixes: Sequence[str]) -> int:

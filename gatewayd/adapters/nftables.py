@@ -1,8 +1,10 @@
 """nftables enforcement through libnftables (JSON), in one table that gatewayd owns and nothing else.
 
 table inet <name>:
-  sets quarantine4/6 (interval): tunnel prefixes of peers that owe a proof;
-  sets tracked4/6 (interval): tunnel prefixes of every configured peer whose state gatewayd has decided;
+  sets quarantine4/6: tunnel addresses of peers that owe a proof (plain hash sets: WireGuard peers usually hold
+    host prefixes, and libnftables' interval handling is pathologically slow for mass deletions), with
+    quarantine4_nets/6_nets (interval) for wider prefixes;
+  sets tracked4/6 (+ _nets): tunnel prefixes of every configured peer whose state gatewayd has decided;
   chain forward_quarantine: nothing from or to a quarantined prefix is forwarded, and nothing from or to a
     tunnel address gatewayd has not decided on yet (a peer added to WireGuard between two polls);
   chain input_quarantine: over the WireGuard interface, the challenge port is open; otherwise a quarantined
@@ -27,6 +29,7 @@ from gatewayd.ports import SetChange
 
 FAMILY = "inet"
 SETS = {"quarantine": ("quarantine4", "quarantine6"), "tracked": ("tracked4", "tracked6")}
+NETS = "_nets"  # suffix of the interval set beside each host set
 
 
 class NftError(RuntimeError):
@@ -34,14 +37,20 @@ class NftError(RuntimeError):
 
 
 def _normalize(prefix: str) -> str:
+    # Prefixes from the core are already normalized (str(ip_network)): skip the costly parse for those.
+    address, _, length = prefix.partition("/")
+    if length in ("32", "128") and prefix == f"{address}/{length}" and address == address.lower():
+        return prefix
     return str(ipaddress.ip_network(prefix, strict=False))
 
 
-def _elem(prefix: str) -> Any:
-    net = ipaddress.ip_network(prefix, strict=False)
-    if net.prefixlen == net.max_prefixlen:
-        return str(net.network_address)
-    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+def _split(prefix: str) -> tuple[int, bool, Any]:
+    """(IP version, is a host, nftables element) of a normalized prefix."""
+    address, _, length = prefix.partition("/")
+    version = 6 if ":" in address else 4
+    if length == ("128" if version == 6 else "32"):
+        return version, True, address
+    return version, False, {"prefix": {"addr": address, "len": int(length)}}
 
 
 def _from_elem(elem: Any) -> str:
@@ -69,10 +78,13 @@ class NftEnforcer:
     # ---- the table --------------------------------------------------------------------------------
 
     def _sets(self) -> list[dict[str, Any]]:
-        return [
-            {"set": {"family": FAMILY, "table": self.table, "name": name, "type": kind, "flags": ["interval"]}}
-            for v4, v6 in SETS.values() for name, kind in ((v4, "ipv4_addr"), (v6, "ipv6_addr"))
-        ]
+        out: list[dict[str, Any]] = []
+        for v4, v6 in SETS.values():
+            for name, kind in ((v4, "ipv4_addr"), (v6, "ipv6_addr")):
+                out.append({"set": {"family": FAMILY, "table": self.table, "name": name, "type": kind}})
+                out.append({"set": {"family": FAMILY, "table": self.table, "name": name + NETS, "type": kind,
+                                    "flags": ["interval"]}})
+        return out
 
     def _chains(self) -> list[dict[str, Any]]:
         return [
@@ -97,22 +109,29 @@ class NftEnforcer:
         rules = []
         families = (("ip", 0, "icmp"), ("ip6", 1, "icmpv6"))
         for proto, i, icmp in families:
-            quarantine, tracked = SETS["quarantine"][i], SETS["tracked"][i]
-            rules += [
-                rule("forward_quarantine", addr(proto, "saddr", f"@{quarantine}"), reject(icmp)),
-                rule("forward_quarantine", addr(proto, "daddr", f"@{quarantine}"), reject(icmp)),
-                rule("forward_quarantine", iface("iifname"), addr(proto, "saddr", f"@{tracked}", "!="), reject(icmp)),
-                rule("forward_quarantine", iface("oifname"), addr(proto, "daddr", f"@{tracked}", "!="), reject(icmp)),
-            ]
+            for suffix in ("", NETS):
+                quarantine = SETS["quarantine"][i] + suffix
+                rules += [
+                    rule("forward_quarantine", addr(proto, "saddr", f"@{quarantine}"), reject(icmp)),
+                    rule("forward_quarantine", addr(proto, "daddr", f"@{quarantine}"), reject(icmp)),
+                ]
+            # Undecided tunnel addresses: neither in the host set nor in the prefix set of tracked peers.
+            tracked, nets = SETS["tracked"][i], SETS["tracked"][i] + NETS
+            for key, field in (("iifname", "saddr"), ("oifname", "daddr")):
+                rules.append(rule("forward_quarantine", iface(key), addr(proto, field, f"@{tracked}", "!="),
+                                  addr(proto, field, f"@{nets}", "!="), reject(icmp)))
         for proto, i, icmp in families:
-            quarantine, tracked = SETS["quarantine"][i], SETS["tracked"][i]
-            rules += [
-                rule("input_quarantine", iface("iifname"), addr(proto, "saddr", f"@{quarantine}"),
-                     addr("tcp", "dport", self.port), {"accept": None}),
-                rule("input_quarantine", addr(proto, "saddr", f"@{quarantine}"), reject(icmp)),
-                rule("input_quarantine", iface("iifname"), addr(proto, "saddr", f"@{tracked}", "!="),
-                     addr("tcp", "dport", self.port, "!="), reject(icmp)),
-            ]
+            tracked, nets = SETS["tracked"][i], SETS["tracked"][i] + NETS
+            for suffix in ("", NETS):
+                quarantine = SETS["quarantine"][i] + suffix
+                rules += [
+                    rule("input_quarantine", iface("iifname"), addr(proto, "saddr", f"@{quarantine}"),
+                         addr("tcp", "dport", self.port), {"accept": None}),
+                    rule("input_quarantine", addr(proto, "saddr", f"@{quarantine}"), reject(icmp)),
+                ]
+            rules.append(rule("input_quarantine", iface("iifname"), addr(proto, "saddr", f"@{tracked}", "!="),
+                              addr(proto, "saddr", f"@{nets}", "!="), addr("tcp", "dport", self.port, "!="),
+                              reject(icmp)))
         return rules
 
     def _structure(self) -> list[dict[str, Any]]:
@@ -149,8 +168,8 @@ class NftEnforcer:
                 continue
             if "set" in item:
                 s = dict(item["set"])
-                kind = next(k for k, names in SETS.items() if s["name"] in names) if any(
-                    s["name"] in names for names in SETS.values()) else None
+                base = s["name"].removesuffix(NETS)
+                kind = next((k for k, names in SETS.items() if base in names), None)
                 for e in s.pop("elem", []):
                     if kind is not None:
                         elements[kind].update(_from_elem(e).split(","))
@@ -163,13 +182,13 @@ class NftEnforcer:
         return structure, elements
 
     def _elements(self, verb: str, kind: str, prefixes: Collection[str]) -> list[dict[str, Any]]:
-        out = []
-        for name, version in zip(SETS[kind], (4, 6), strict=True):
-            elems = [_elem(p) for p in prefixes if ipaddress.ip_network(p, strict=False).version == version]
-            if elems:
-                out.append({verb: {"element": {"family": FAMILY, "table": self.table, "name": name,
-                                               "elem": elems}}})
-        return out
+        groups: dict[str, list[Any]] = {}
+        for p in prefixes:
+            version, host, elem = _split(p)
+            name = SETS[kind][0 if version == 4 else 1] + ("" if host else NETS)
+            groups.setdefault(name, []).append(elem)
+        return [{verb: {"element": {"family": FAMILY, "table": self.table, "name": name, "elem": elems}}}
+                for name, elems in sorted(groups.items())]
 
     # ---- the port ---------------------------------------------------------------------------------
 

@@ -399,9 +399,10 @@ class Gateway:
             if member is not None and (team is None or not team.named_proofs()):
                 warnings.append(no_connection_policy_warning(member.team_id))
             member_cut = 0
+            demand = policy.for_step_up(team, member)
             for peer in targets:
-                demand = policy.for_step_up(team, member)
-                self._require(peer, demand, now, out, step_up=True)
+                # disconnect.executed lists the peers: no peer.quarantined event per peer.
+                self._require(peer, demand, now, out, step_up=True, announce=False)
                 if demand.locked is not None:
                     warnings.append(f"peer {peer.public_key} is locked in quarantine: {demand.locked.value}")
                 if peer.present:
@@ -574,13 +575,13 @@ class Gateway:
         self._arm(peer)
 
     def _require(self, peer: Peer, demand: policy.Demand, now: float, out: list[Command], *,
-                 step_up: bool) -> None:
+                 step_up: bool, announce: bool = True) -> None:
         """Make the peer owe `demand` from `now` on: earlier proofs no longer count."""
         peer.owes, peer.owes_since, peer.proofs = demand.owes, now, {}
         peer.locked_reason, peer.step_up = demand.locked, step_up or peer.step_up
-        self._transition(peer, Trigger.LOCK if demand.locked else Trigger.DEMAND, out)
+        self._transition(peer, Trigger.LOCK if demand.locked else Trigger.DEMAND, out, announce=announce)
 
-    def _transition(self, peer: Peer, trigger: Trigger, out: list[Command]) -> None:
+    def _transition(self, peer: Peer, trigger: Trigger, out: list[Command], *, announce: bool = True) -> None:
         new = TRANSITIONS.get((peer.state, trigger))
         if new is None:
             raise CoreBug(f"no transition from {peer.state} on {trigger}")
@@ -591,7 +592,7 @@ class Gateway:
                 out.append(Quarantine(prefixes=peer.allowed_ips))
             else:
                 self._release(peer, peer.allowed_ips, out)
-        if new is not old or trigger in (Trigger.DEMAND, Trigger.LOCK):
+        if announce and (new is not old or trigger in (Trigger.DEMAND, Trigger.LOCK)):
             if new is Q:
                 out.append(self._publish("peer.quarantined", peer, owes=sorted(k.value for k in peer.owes)))
             elif new is L and (old is not L or trigger is Trigger.LOCK):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +26,7 @@ WG_PORT = 51820
 SERVER_IP = "198.19.0.2"
 GATEWAY_TUNNEL_IP = "10.99.0.1"
 GATEWAY_TUNNEL_IP6 = "fd99::1"
+CLONE_NEWNET = 0x40000000
 
 
 class LabError(RuntimeError):
@@ -279,8 +280,18 @@ class Lab:
             self.down()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+@contextlib.contextmanager
+def entered(ns: str) -> Iterator[None]:
+    """Move the calling thread into a network namespace (namespaces are per thread) and back afterwards.
+    Sockets and child processes created meanwhile belong to that namespace."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+        yield
+    finally:
+        libc.setns(own, CLONE_NEWNET)
+        os.close(own)
+        os.close(target)

@@ -128,6 +128,8 @@ class Driver:
         self.batches = 0
         """Batches executed; the watchdog checks that it moves."""
         self.enforcement_healthy = True
+        self.last_batch: dict[str, float] = {}
+        """Seconds spent in each phase of the latest batch (jobs, tighten, reset, flush, commit, loosen)."""
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
         self._wake = asyncio.Event()
 
@@ -175,6 +177,7 @@ class Driver:
         return None
 
     async def process(self, queued: list[_Queued]) -> None:
+        started = time.perf_counter()
         now = self.clock()
         batch = Batch(self.core, self.store, now)
         results: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
@@ -195,6 +198,7 @@ class Driver:
                     await self.store.release_savepoint()
                     results.append((item.future, None, value))
             batch.commands.extend(self.core.handle_timer(now))
+            self.last_batch = {"jobs": time.perf_counter() - started}
             failure = await self._execute(batch)
         except BaseException as exc:
             for item in queued:
@@ -219,7 +223,7 @@ class Driver:
         flushes: list[str] = []
         saves: dict[str, PeerRecord] = {}
         forgets: list[str] = []
-        events: list[StoredEvent] = []
+        publishes: list[Publish] = []
         for cmd in batch.commands:
             match cmd:
                 case Quarantine():
@@ -242,9 +246,7 @@ class Driver:
                     saves.pop(cmd.public_key, None)
                     forgets.append(cmd.public_key)
                 case Publish():
-                    events.append(StoredEvent(
-                        cursor=self.store.next_cursor + len(events), id=str(uuid.uuid4()), type=cmd.type,
-                        time=batch.now, subject=cmd.subject, data_json=json.dumps(cmd.data, sort_keys=True)))
+                    publishes.append(cmd)
                 case _:
                     raise RuntimeError(f"unexpected command {cmd!r}")
         held, tracked = self.enforcer.quarantined(), self.enforcer.tracked()
@@ -254,26 +256,57 @@ class Driver:
         loosen = SetChange(release=[p for p, on in adds.items() if not on and p in held],
                            track=[p for p, on in tracks.items() if on and p not in tracked])
         failure: EnforcementFailed | None = None
+        timings = self.last_batch
+        mark = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            timings[name] = now - mark
+            mark = now
+
+        lap("plan")
         try:
             if tighten:
                 await self.enforcer.apply(tighten)
-            if resets and self.source is not None:
-                await self.source.reset_sessions(resets)
-            if flushes and self.flows is not None:
-                await self.flows.flush(flushes)
         except Exception as exc:
             log.error("enforcement failed; will retry: %s", exc)
             failure = EnforcementFailed(str(exc))
             self.enforcement_healthy = False
-        if saves:
-            await self.store.save_peers(saves.values())
-        if forgets:
-            await self.store.forget_peers(forgets)
-        if events:
-            await self.store.append_events(events)
-            self.store.next_cursor += len(events)
-            await self.store.prune_outbox(self.event_retention)
-        await self.store.commit()
+        lap("tighten")
+
+        # Once the quarantine holds, dropping session keys, deleting flows and committing are independent:
+        # run them together; the callers are answered only when all three are done.
+        async def cut() -> None:
+            if resets and self.source is not None:
+                await self.source.reset_sessions(resets)
+            if flushes and self.flows is not None:
+                await self.flows.flush(flushes)
+
+        cut_task = asyncio.ensure_future(cut())
+        # Serialising events is CPU work: it overlaps with the kernel work of cut() (socket I/O).
+        events = [StoredEvent(cursor=self.store.next_cursor + i, id=str(uuid.uuid4()), type=p.type, time=batch.now,
+                              subject=p.subject, data_json=json.dumps(p.data, sort_keys=True))
+                  for i, p in enumerate(publishes)]
+
+        async def persist() -> None:
+            if saves:
+                await self.store.save_peers(saves.values())
+            if forgets:
+                await self.store.forget_peers(forgets)
+            if events:
+                await self.store.append_events(events)
+                self.store.next_cursor += len(events)
+                await self.store.prune_outbox(self.event_retention)
+            await self.store.commit()
+
+        cut_result, persisted = await asyncio.gather(cut_task, persist(), return_exceptions=True)
+        if isinstance(persisted, BaseException):
+            raise persisted
+        if isinstance(cut_result, BaseException):
+            log.error("session reset or flow flush failed: %s", cut_result)
+            failure = failure or EnforcementFailed(str(cut_result))
+        lap("cut+commit")
         for e in events:
             log.info("event %s %s %s", e.type, e.subject, e.data_json)
         try:
@@ -284,6 +317,7 @@ class Driver:
             log.error("release failed; will retry: %s", exc)
             failure = EnforcementFailed(str(exc))
             self.enforcement_healthy = False
+        lap("loosen")
         if not self.enforcement_healthy:
             await self.retry_reconcile()
         self._notify(events, saves.keys())

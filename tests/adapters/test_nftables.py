@@ -14,11 +14,13 @@ pytestmark = pytest.mark.kernel
 
 
 def elements(ns: str, name: str) -> set[str]:
-    listing = json.loads(nft(ns, "-j", "list", "set", "inet", "gatewayd", name))
+    """Addresses in a host set and prefixes in its interval companion."""
     out = set()
-    for item in listing["nftables"]:
-        for e in item.get("set", {}).get("elem", []):
-            out.add(e if isinstance(e, str) else f"{e['prefix']['addr']}/{e['prefix']['len']}")
+    for each in (name, name + "_nets"):
+        listing = json.loads(nft(ns, "-j", "list", "set", "inet", "gatewayd", each))
+        for item in listing["nftables"]:
+            for e in item.get("set", {}).get("elem", []):
+                out.add(e if isinstance(e, str) else f"{e['prefix']['addr']}/{e['prefix']['len']}")
     return out
 
 
@@ -52,7 +54,7 @@ async def test_reconcile_repairs_a_tampered_table_in_one_step() -> None:
             assert await fresh.reconcile({"10.0.0.2/32"}, set())
             assert not await fresh.reconcile({"10.0.0.2/32"}, set())
         assert elements(ns, "quarantine4") == {"10.0.0.2"}
-        assert "saddr @quarantine4 reject" in nft(ns, "list", "chain", "inet", "gatewayd", "forward_quarantine")
+        assert "ip saddr @quarantine4 reject" in nft(ns, "list", "chain", "inet", "gatewayd", "forward_quarantine")
 
 
 async def test_apply_is_one_transaction_and_idempotent() -> None:
@@ -64,9 +66,12 @@ async def test_apply_is_one_transaction_and_idempotent() -> None:
             await enforcer.apply(SetChange(quarantine=many, track=many[:10]))
             assert len(enforcer.quarantined()) == 5000
             await enforcer.apply(SetChange(release=[*many[:4000], "10.200.0.1/32"], untrack=many[:5]))
-            # A failing transaction changes nothing: an overlapping interval is refused as a whole.
+            # A host inside another peer's prefix is fine (separate sets) ...
+            await enforcer.apply(SetChange(quarantine=["10.240.0.0/16", "10.240.0.7/32"]))
+            await enforcer.apply(SetChange(release=["10.240.0.0/16", "10.240.0.7/32"]))
+            # ... overlapping prefixes are refused, and the failing transaction changes nothing.
             with pytest.raises(RuntimeError):
-                await enforcer.apply(SetChange(quarantine=["10.250.0.1/32", "10.0.0.0/8"]))
+                await enforcer.apply(SetChange(quarantine=["10.250.0.1/32", "10.250.0.0/24", "10.250.0.0/16"]))
         assert len(elements(ns, "quarantine4")) == 1000
         assert "10.250.0.1" not in elements(ns, "quarantine4")
         assert elements(ns, "tracked4") == {p.removesuffix("/32") for p in many[5:10]}

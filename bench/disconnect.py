@@ -1,0 +1,313 @@
+"""Benchmark: gatewayd against the way admins script it by hand, on a wireguard-go gateway in a namespace.
+
+For each scale (1,000 and 10,000 configured peers, one member each):
+- Disconnect latency, call to answer (enforced, committed), sequential calls to distinct members over the local
+  socket; p50/p99.
+- Mass Disconnect: all members at once, as one team-wide Disconnect and as one call per member in parallel;
+  time until every answer is in (each answer means enforced), checked against the nftables set.
+- One tracking poll: CPU time of reading the UAPI socket, parsing and diffing.
+- The hand-scripted way, same machine, same run: `wg show <if> dump` parsed, then one `nft add element`
+  process per peer (one Disconnect; all members; one poll = one `wg show dump` parsed).
+Writes JSON (ratios included). Run as root: `make bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nftables
+
+from gatewayd.adapters.wireguard.uapi import UapiWireGuard
+from gatewayd.core.tracking import diff
+from gatewayd.lab.gateway import Gateway
+from gatewayd.lab.netlab import UAPI_DIR, Lab, entered, keypair
+from gatewayd.v1 import control_pb2, control_pb2_grpc, types_pb2
+
+TEAM = "bench"
+
+
+def tunnel_ip(i: int) -> str:
+    return f"10.{100 + i // 65536}.{(i // 256) % 256}.{i % 256}"
+
+
+def percentile(samples: list[float], q: int) -> float:
+    return statistics.quantiles(samples, n=100, method="inclusive")[q - 1]
+
+
+def summary(samples_s: list[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in samples_s]
+    return {"n": len(ms), "p50_ms": statistics.median(ms), "p99_ms": percentile(ms, 99), "max_ms": max(ms)}
+
+
+def configure_peers(lab: Lab, n: int) -> list[str]:
+    """n peers on the gateway's wireguard-go, each with a tunnel /32 and an endpoint, in one UAPI set."""
+    keys, lines = [], ["set=1"]
+    for i in range(n):
+        _, public = keypair()
+        keys.append(public)
+        lines += [f"public_key={base64.b64decode(public).hex()}", f"endpoint=198.18.250.{i % 250 + 1}:51820",
+                  f"allowed_ip={tunnel_ip(i)}/32"]
+    source = UapiWireGuard(UAPI_DIR / f"{lab.gw_iface}.sock")
+    answer = asyncio.run(source._exchange("\n".join(lines) + "\n\n"))
+    if answer.strip() != "errno=0":
+        raise RuntimeError(f"configuring peers failed: {answer}")
+    return keys
+
+
+class Observer(threading.Thread):
+    """Watches the kernel's quarantine set from its own thread (inside the gateway namespace) and notes
+    when it first holds `target` addresses: the moment a mass Disconnect is enforced."""
+
+    def __init__(self, ns: str, target: int) -> None:
+        super().__init__(daemon=True)
+        self.ns, self.target = ns, target
+        self.when: float | None = None
+        self.samples = 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        with entered(self.ns):
+            nft = nftables.Nftables()
+            nft.set_json_output(True)
+            while not self._stop.is_set():
+                _, out, _ = nft.cmd("list set inet gatewayd quarantine4")
+                items = json.loads(out)["nftables"] if out else []
+                self.samples += 1
+                if sum(len(i["set"].get("elem", [])) for i in items if "set" in i) >= self.target:
+                    self.when = time.perf_counter()
+                    return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join(10)
+
+
+def quarantined_count() -> int:
+    out = subprocess.run(["nft", "-j", "list", "set", "inet", "gatewayd", "quarantine4"], capture_output=True,
+                         text=True, check=True).stdout
+    items = json.loads(out)["nftables"]
+    return sum(len(i["set"].get("elem", [])) for i in items if "set" in i)
+
+
+async def enroll_all(socket_path: Path, keys: list[str]) -> None:
+    async with grpc.aio.secure_channel(f"unix:{socket_path}",
+                                       grpc.local_channel_credentials(grpc.LocalConnectionType.UDS)) as ch:
+        stub = control_pb2_grpc.ControlServiceStub(ch)
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int, key: str) -> None:
+            async with sem:
+                await stub.UpsertMember(control_pb2.UpsertMemberRequest(
+                    member_id=f"m{i}", team_id=TEAM, role=types_pb2.MEMBER_ROLE_MEMBER, peer_public_keys=[key],
+                    totp=control_pb2.TotpEnrollment(secret=os.urandom(20), digits=6)))
+
+        await asyncio.gather(*(one(i, k) for i, k in enumerate(keys)))
+
+
+async def disconnect_all_parallel(socket_path: Path, n: int, in_flight: int = 1000) -> float:
+    async with grpc.aio.secure_channel(f"unix:{socket_path}",
+                                       grpc.local_channel_credentials(grpc.LocalConnectionType.UDS)) as ch:
+        stub = control_pb2_grpc.ControlServiceStub(ch)
+        sem = asyncio.Semaphore(in_flight)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await stub.Disconnect(control_pb2.DisconnectRequest(member_id=f"m{i}", reason="bench",
+                                                                    idempotency_key=f"par-{i}"))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return time.perf_counter() - start
+
+
+def fresh_daemon(lab: Lab, gateway: Gateway | None, keys: list[str]) -> Gateway:
+    """A daemon with an empty store and every member enrolled (all peers authorized)."""
+    if gateway is not None:
+        gateway.stop()
+    for f in lab.workdir.glob("state.db*"):
+        f.unlink()
+    gw = Gateway(lab)
+    gw.start(timeout=120)
+    asyncio.run(enroll_all(lab.workdir / "control.sock", keys))
+    return gw
+
+
+def gatewayd_poll_cpu(lab: Lab, polls: int = 20) -> dict[str, float]:
+    source = UapiWireGuard(UAPI_DIR / f"{lab.gw_iface}.sock")
+
+    async def measure() -> list[float]:
+        previous = await source.read()
+        cpu = []
+        for _ in range(polls):
+            t = time.process_time()
+            current = await source.read()
+            diff(previous, current)
+            cpu.append(time.process_time() - t)
+            previous = current
+        return cpu
+
+    cpu = asyncio.run(measure())
+    return {"n": polls, "cpu_p50_ms": statistics.median(cpu) * 1000, "cpu_max_ms": max(cpu) * 1000}
+
+
+def wg_dump(iface: str) -> list[list[str]]:
+    out = subprocess.run(["wg", "show", iface, "dump"], capture_output=True, text=True, check=True).stdout
+    return [line.split("\t") for line in out.splitlines()[1:]]
+
+
+def by_hand_disconnect(iface: str, key: str) -> None:
+    """What an admin's script does: find the peer in `wg show dump`, add its address to a set."""
+    for row in wg_dump(iface):
+        if row[0] == key:
+            for prefix in row[3].split(","):
+                subprocess.run(["nft", "add", "element", "inet", "handscript", "q4", "{", prefix, "}"], check=True)
+            return
+    raise LookupError(key)
+
+
+def by_hand(lab: Lab, keys: list[str], calls: int, mass: bool) -> dict[str, Any]:
+    subprocess.run(["nft", "-f", "-"], input="table inet handscript {\n set q4 {\n type ipv4_addr\n "
+                   "flags interval\n }\n}\n", text=True, check=True)
+    try:
+        samples = []
+        for key in keys[:calls]:
+            t = time.perf_counter()
+            by_hand_disconnect(lab.gw_iface, key)
+            samples.append(time.perf_counter() - t)
+        subprocess.run(["nft", "flush", "set", "inet", "handscript", "q4"], check=True)
+        result: dict[str, Any] = {"disconnect": summary(samples)}
+        polls_wall, polls_cpu = [], []
+        for _ in range(10):
+            before, t, own = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter(), time.process_time()
+            wg_dump(lab.gw_iface)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            polls_wall.append(time.perf_counter() - t)
+            polls_cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+                             + time.process_time() - own)
+        result["poll"] = {"n": 10, "wall_p50_ms": statistics.median(polls_wall) * 1000,
+                          "cpu_p50_ms": statistics.median(polls_cpu) * 1000}
+        if mass:
+            t = time.perf_counter()
+            rows = wg_dump(lab.gw_iface)
+            for row in rows:
+                for prefix in row[3].split(","):
+                    subprocess.run(["nft", "add", "element", "inet", "handscript", "q4", "{", prefix, "}"],
+                                   check=True)
+            result["mass_disconnect_s"] = time.perf_counter() - t
+        return result
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", "handscript"], check=False)
+
+
+def run_scale(n: int, calls: int, baseline_calls: int) -> dict[str, Any]:
+    lab = Lab(peers_wanted=0)
+    with lab.running():
+        started = time.perf_counter()
+        keys = configure_peers(lab, n)
+        setup = time.perf_counter() - started
+        gw = fresh_daemon(lab, None, keys)
+        print(f"[{n} peers] set up in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        result: dict[str, Any] = {"peers": n, "setup_s": setup}
+        with entered(lab.gw_ns):
+            # Sequential Disconnects of distinct members.
+            channel = grpc.secure_channel(f"unix:{lab.workdir / 'control.sock'}",
+                                          grpc.local_channel_credentials(grpc.LocalConnectionType.UDS))
+            stub = control_pb2_grpc.ControlServiceStub(channel)
+            for i in range(20):  # warm-up on members the measured calls do not touch
+                stub.Disconnect(control_pb2.DisconnectRequest(member_id=f"m{n - 1 - i}", idempotency_key=f"w{i}"))
+            samples = []
+            for i in range(calls):
+                t = time.perf_counter()
+                res = stub.Disconnect(control_pb2.DisconnectRequest(member_id=f"m{i}", reason="bench",
+                                                                    idempotency_key=f"seq-{i}"))
+                samples.append(time.perf_counter() - t)
+                assert res.peers_quarantined == 1
+            channel.close()
+            result["disconnect"] = summary(samples)
+            result["disconnect"]["enforced"] = quarantined_count() >= calls
+            result["poll"] = gatewayd_poll_cpu(lab)
+            print(f"[{n} peers] disconnect {result['disconnect']}", file=sys.stderr)
+        # Mass Disconnect: one team-wide request.
+        gw = fresh_daemon(lab, gw, keys)
+        with entered(lab.gw_ns):
+            assert quarantined_count() == 0
+            channel = grpc.secure_channel(f"unix:{lab.workdir / 'control.sock'}",
+                                          grpc.local_channel_credentials(grpc.LocalConnectionType.UDS))
+            observer = Observer(lab.gw_ns, n)
+            observer.start()
+            t = time.perf_counter()
+            res = control_pb2_grpc.ControlServiceStub(channel).Disconnect(
+                control_pb2.DisconnectRequest(team_id=TEAM, reason="bench", idempotency_key="team"), timeout=60)
+            team_s = time.perf_counter() - t
+            observer.stop()
+            channel.close()
+            result["mass_team"] = {
+                "members": n, "answered_s": team_s, "peers_quarantined": res.peers_quarantined,
+                "enforced_s": observer.when - t if observer.when else None, "observer_samples": observer.samples,
+                "all_in_kernel_set": quarantined_count() == n}
+        print(f"[{n} peers] team disconnect {result['mass_team']}", file=sys.stderr)
+        # Mass Disconnect: one request per member, all in flight.
+        gw = fresh_daemon(lab, gw, keys)
+        with entered(lab.gw_ns):
+            observer = Observer(lab.gw_ns, n)
+            observer.start()
+            t = time.perf_counter()
+            par_s = asyncio.run(disconnect_all_parallel(lab.workdir / "control.sock", n))
+            observer.stop()
+            result["mass_per_member"] = {
+                "members": n, "answered_s": par_s, "enforced_s": observer.when - t if observer.when else None,
+                "all_in_kernel_set": quarantined_count() == n}
+        print(f"[{n} peers] per-member parallel {result['mass_per_member']}", file=sys.stderr)
+        gw.stop()
+        with entered(lab.gw_ns):
+            result["by_hand"] = by_hand(lab, keys, baseline_calls, mass=True)
+        print(f"[{n} peers] by hand {result['by_hand']}", file=sys.stderr)
+        hand = result["by_hand"]
+        result["ratios"] = {
+            "disconnect_p99_vs_by_hand_p50": result["disconnect"]["p99_ms"] / hand["disconnect"]["p50_ms"],
+            "mass_speedup_team_answered": hand["mass_disconnect_s"] / team_s,
+            "mass_speedup_team_enforced": (hand["mass_disconnect_s"] / result["mass_team"]["enforced_s"]
+                                           if result["mass_team"]["enforced_s"] else None),
+            "mass_speedup_per_member_answered": hand["mass_disconnect_s"] / par_s,
+            "poll_cpu_vs_by_hand": result["poll"]["cpu_p50_ms"] / hand["poll"]["cpu_p50_ms"],
+        }
+        return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", default="1000,10000", help="comma-separated scales")
+    parser.add_argument("--calls", type=int, default=1000, help="sequential Disconnects measured per scale")
+    parser.add_argument("--baseline-calls", type=int, default=200, help="hand-scripted Disconnects measured")
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the benchmark needs root (network namespaces, nftables, wireguard-go)", file=sys.stderr)
+        return 1
+    report: dict[str, Any] = {
+        "machine": {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count()},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "scales": [run_scale(int(n), args.calls, args.baseline_calls) for n in args.peers.split(",")],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
