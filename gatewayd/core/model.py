@@ -107,6 +107,11 @@ class Member:
     """Factors the member has enrolled and can use."""
     locked: bool = False
     """Factors locked after too many consecutive failures."""
+    means: frozenset[ProofKind] = field(init=False, repr=False, compare=False)
+    """The proof kinds the enrolled factors can give (derived)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "means", frozenset(FACTOR_PROVES[f] for f in self.factors))
 
 
 @dataclass(kw_only=True)

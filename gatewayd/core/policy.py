@@ -27,7 +27,7 @@ NOTHING = Demand(owes=frozenset())
 
 def provable(member: Member) -> frozenset[ProofKind]:
     """The proof kinds the member's enrolled factors can give."""
-    return frozenset(FACTOR_PROVES[f] for f in member.factors)
+    return member.means
 
 
 def lock_reason(member: Member, owes: frozenset[ProofKind]) -> LockedReason | None:
