@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from gatewayd.core import events as ev
@@ -35,13 +35,17 @@ class PeerSnapshot:
 Snapshot = Mapping[str, PeerSnapshot]
 
 
-def diff(old: Snapshot, new: Snapshot) -> list[ev.Event]:
-    """Events that turn `old` into `new`: peers added or removed, allowed IPs, endpoints, handshakes."""
+def diff(old: Snapshot, new: Snapshot, keys: Iterable[str] | None = None) -> list[ev.Event]:
+    """Events that turn `old` into `new` (for `keys` only, if given): peers added or removed, allowed IPs,
+    endpoints, handshakes."""
     out: list[ev.Event] = []
-    for key in sorted(old.keys() - new.keys()):
-        out.append(ev.PeerUnconfigured(public_key=key))
-    for key in sorted(new):
+    for key in sorted(old.keys() - new.keys()) if keys is None else [k for k in keys if k not in new]:
+        if key in old:
+            out.append(ev.PeerUnconfigured(public_key=key))
+    for key in sorted(new) if keys is None else [k for k in keys if k in new]:
         cur, prev = new[key], old.get(key)
+        if cur is prev:
+            continue
         if prev is None or prev.allowed_ips != cur.allowed_ips:
             out.append(ev.PeerConfigured(public_key=key, allowed_ips=cur.allowed_ips, endpoint=cur.endpoint))
         elif prev.endpoint != cur.endpoint:

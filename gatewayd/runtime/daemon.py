@@ -9,6 +9,7 @@ left in place: a stopped daemon keeps quarantined peers quarantined.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ from gatewayd.adapters.grpc.listeners import (
     control_server,
 )
 from gatewayd.adapters.grpc.services import ChallengeService, ControlService
+from gatewayd.adapters.rtnetlink import LinkWatcher
 from gatewayd.adapters.sqlite_store import SecretBox, Store
 from gatewayd.auth.limits import AttemptPolicy
 from gatewayd.config import Config
@@ -47,6 +49,8 @@ class Adapters:
     enforcer: Enforcer
     source: PeerSource | None
     flows: FlowTable | None
+    watch_links: bool = False
+    """Follow the WireGuard interface's link and address changes over rtnetlink."""
 
 
 def kernel_adapters(config: Config) -> Adapters:
@@ -60,6 +64,7 @@ def kernel_adapters(config: Config) -> Adapters:
                              challenge_port=config.challenge.port),
         source=open_source(config.wireguard),
         flows=Conntrack(),
+        watch_links=True,
     )
 
 
@@ -69,8 +74,7 @@ async def diff_in_slices(old: Mapping[str, PeerSnapshot], new: Mapping[str, Peer
     keys = sorted(old.keys() | new.keys())
     events: list[Event] = []
     for i in range(0, len(keys), size):
-        part = keys[i:i + size]
-        events += diff({k: old[k] for k in part if k in old}, {k: new[k] for k in part if k in new})
+        events += diff(old, new, keys[i:i + size])
         await asyncio.sleep(0)
     return events
 
@@ -95,6 +99,8 @@ class Daemon:
         self.control_port: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.ready = asyncio.Event()
+        self._poll_now = asyncio.Event()
+        self.links: LinkWatcher | None = None
 
     async def start(self) -> None:
         self.config.gateway.database.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +117,9 @@ class Daemon:
                             last_handshake=p.last_handshake, rx_bytes=0, tx_bytes=0, keepalive=0)
             for k, p in self.core.peers.items() if p.present}
         self._tasks.append(spawn(self.driver.run(), name="driver"))
+        if self.adapters.watch_links:
+            self.links = LinkWatcher(self.config.wireguard.interface, self._link_changed)
+            await self.links.start()
         if self.adapters.source is not None:
             await self.poll_once()
             if self.autopoll:
@@ -142,10 +151,19 @@ class Daemon:
         if events:
             await self.driver.submit(self.ops.feed(events))
 
+    def _link_changed(self, kind: str, fields: dict[str, Any]) -> None:
+        """rtnetlink saw the interface or its addresses change: record it and re-read the peers now."""
+        log.info("interface %s: %s %s", self.config.wireguard.interface, kind, fields)
+        spawn(self.driver.submit(self.ops.note(f"interface.{kind}", f"interface/{fields['interface']}", fields)),
+              name="link-event")
+        self._poll_now.set()
+
     async def _track(self) -> None:
         interval = self.config.wireguard.poll_interval
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_now.wait(), interval)
+            self._poll_now.clear()
             try:
                 await self.poll_once()
             except (OSError, ConnectionError) as exc:
@@ -161,6 +179,8 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.adapters.flows is not None:
             await self.adapters.flows.close()
+        if self.links is not None:
+            await self.links.close()
         await self.store.close()
         log.info("gatewayd stopped; quarantine left in place")
 

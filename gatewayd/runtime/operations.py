@@ -177,6 +177,12 @@ class Operations:
             return outcome, False
         return job
 
+    def note(self, type_: str, subject: str, data: dict[str, Any]) -> Job:
+        """Record an event that changes no state (e.g. the interface went down)."""
+        async def job(b: Batch) -> None:
+            b.publish(type_, subject, **data)
+        return job
+
     def feed(self, events: list[ev.Event]) -> Job:
         """Tracking events (from the WireGuard poll)."""
         async def job(b: Batch) -> None:

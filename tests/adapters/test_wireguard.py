@@ -10,7 +10,7 @@ import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
 
 from gatewayd.adapters.wireguard.kernel import decode_device
-from gatewayd.adapters.wireguard.uapi import UapiWireGuard, parse_get, reset_request, split_peers
+from gatewayd.adapters.wireguard.uapi import UapiWireGuard, parse_get, reset_request
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.lab.netlab import UAPI_DIR, Lab, keypair, run
 
@@ -107,16 +107,13 @@ async def test_uapi_reads_thousands_of_peers() -> None:
             lines += [f"public_key={base64.b64decode(public).hex()}", f"allowed_ip=10.{100 + i // 250}.{i % 250}.1/32"]
         source = UapiWireGuard(UAPI_DIR / f"{lab.gw_iface}.sock")
         assert (await source._exchange("\n".join(lines) + "\n\n")).strip() == "errno=0"
-        assert len(await source.read()) == 2000
-
-
-def test_split_peers_keeps_whole_peers() -> None:
-    keys = [bytes([i]) * 32 for i in range(7)]
-    text = "private_key=" + "11" * 32 + "\nlisten_port=1\n" + "".join(
-        f"public_key={k.hex()}\nallowed_ip=10.0.0.{i}/32\nrx_bytes={i}\n" for i, k in enumerate(keys)) + "errno=0\n\n"
-    pieces = split_peers(text, 3)
-    assert len(pieces) == 3 and "".join(pieces) == text
-    merged: dict[str, PeerSnapshot] = {}
-    for piece in pieces:
-        merged.update(parse_get(piece))
-    assert merged == parse_get(text) and len(merged) == 7
+        first = await source.read()
+        assert len(first) == 2000
+        # Unchanged peers are not parsed again: the very same snapshot objects come back.
+        again = await source.read()
+        assert all(again[k] is first[k] for k in first)
+        run("wg", "set", lab.gw_iface, "peer", next(iter(first)), "persistent-keepalive", "7", ns=lab.gw_ns)
+        changed = await source.read()
+        key = next(iter(first))
+        assert changed[key].keepalive == 7 and changed[key] is not first[key]
+        assert sum(changed[k] is first[k] for k in first) == 1999

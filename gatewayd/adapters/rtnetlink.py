@@ -1,0 +1,113 @@
+"""rtnetlink: when the WireGuard interface or its addresses appear, go down or vanish.
+
+A raw NETLINK_ROUTE socket subscribed to link and address groups, read with the event loop's add_reader
+(pyroute2's async classes refuse to run under uvloop; a plain socket and a small decoder do not need them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 20, 21
+IFLA_IFNAME = 3
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFF_UP = 0x1
+
+Change = Callable[[str, dict[str, Any]], None]
+
+
+def _attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, data[offset + 4: offset + length]
+        offset += (length + 3) & ~3
+
+
+def decode(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(message type, fields) of each link or address message in a datagram."""
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, offset)
+        body = data[offset + 16: offset + length]
+        offset += (length + 3) & ~3
+        if kind in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= 16:
+            _family, _pad, _type, index, flags, _change = struct.unpack_from("=BBHiII", body)
+            fields: dict[str, Any] = {"index": index, "up": bool(flags & IFF_UP)}
+            for attr, value in _attrs(body[16:]):
+                if attr == IFLA_IFNAME:
+                    fields["name"] = value.split(b"\0", 1)[0].decode(errors="replace")
+            yield kind, fields
+        elif kind in (RTM_NEWADDR, RTM_DELADDR) and len(body) >= 8:
+            family, prefixlen, _flags, _scope, index = struct.unpack_from("=BBBBI", body)
+            found: dict[int, bytes] = dict(_attrs(body[8:]))
+            raw = found.get(IFA_LOCAL) or found.get(IFA_ADDRESS)
+            if raw is None:
+                continue
+            address = ipaddress.ip_address(raw)
+            yield kind, {"index": index, "family": family, "address": f"{address}/{prefixlen}"}
+
+
+class LinkWatcher:
+    """Reports changes of one interface: link.up, link.down, link.removed, address.added, address.removed."""
+
+    def __init__(self, interface: str, on_change: Change) -> None:
+        self.interface = interface
+        self.on_change = on_change
+        self.index: int | None = None
+        self.up: bool | None = None
+        self._sock: socket.socket | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(OSError):
+            self.index = socket.if_nametoindex(self.interface)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        sock.setblocking(False)
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError:
+                # ENOBUFS: changes were lost; say so, the tracker re-reads the interface anyway.
+                self.on_change("link.resync", {"interface": self.interface})
+                continue
+            for kind, fields in decode(data):
+                self._handle(kind, fields)
+
+    def _handle(self, kind: int, fields: dict[str, Any]) -> None:
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            if fields.get("name") != self.interface and fields["index"] != self.index:
+                return
+            if kind == RTM_DELLINK:
+                self.index, self.up = None, None
+                self.on_change("link.removed", {"interface": self.interface})
+                return
+            self.index = fields["index"]
+            if fields["up"] != self.up:
+                self.up = fields["up"]
+                self.on_change("link.up" if self.up else "link.down", {"interface": self.interface})
+        elif fields["index"] == self.index:
+            name = "address.added" if kind == RTM_NEWADDR else "address.removed"
+            self.on_change(name, {"interface": self.interface, "address": fields["address"]})
