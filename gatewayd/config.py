@@ -82,6 +82,16 @@ class ChallengeSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeviceSection:
+    rp_id: str = "gateway.example.net"
+    """WebAuthn relying-party id the client apps' device credentials are scoped to."""
+    origins: list[str] = field(default_factory=lambda: ["https://gateway.example.net"])
+    """Origins accepted in the assertions' client data."""
+    challenge_ttl: float = 120.0
+    """Seconds a device challenge (nonce) stays valid; at most 120."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuthSection:
     max_failures: int = 10
     """Consecutive failures per member that lock its factors."""
@@ -107,6 +117,8 @@ class Config:
     """[challenge]"""
     auth: AuthSection = field(default_factory=AuthSection)
     """[auth]"""
+    device: DeviceSection = field(default_factory=DeviceSection)
+    """[device]"""
 
 
 METHODS = {"Disconnect", "ApplyTeamPolicy", "UpsertMember", "RemoveMember", "ResetMfa", "UnlockMfa",
@@ -218,6 +230,16 @@ def validate(cfg: Config) -> Config:
         _host_port(f"challenge.listen[{i}]", address)
     if not 1 <= cfg.challenge.port <= 65535:
         raise ConfigError("challenge.port", "must be a port number")
+    d = cfg.device
+    if not d.rp_id or "/" in d.rp_id or ":" in d.rp_id:
+        raise ConfigError("device.rp_id", "must be a domain name (no scheme, port or path)")
+    if not d.origins:
+        raise ConfigError("device.origins", "must list at least one origin")
+    for i, origin in enumerate(d.origins):
+        if not origin.startswith(("https://", "http://localhost")):
+            raise ConfigError(f"device.origins[{i}]", "must be an https:// origin (or http://localhost)")
+    if not 1 <= d.challenge_ttl <= 120:
+        raise ConfigError("device.challenge_ttl", "must be between 1 and 120 seconds")
     a = cfg.auth
     if not 1 <= a.max_failures <= 100:
         raise ConfigError("auth.max_failures", "must be 1 to 100")

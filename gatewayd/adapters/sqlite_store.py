@@ -73,6 +73,13 @@ MIGRATIONS: list[str] = [
         cursor INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, type TEXT NOT NULL, time REAL NOT NULL,
         subject TEXT NOT NULL, data_json TEXT NOT NULL, published INTEGER NOT NULL DEFAULT 0);
     """,
+    # 2: single-use device challenges, bound to a peer and a member
+    """
+    CREATE TABLE device_challenges (
+        nonce BLOB PRIMARY KEY, public_key TEXT NOT NULL, member_id TEXT NOT NULL,
+        issued_at REAL NOT NULL, expires_at REAL NOT NULL, used_at REAL);
+    CREATE INDEX device_challenges_expiry ON device_challenges(expires_at);
+    """,
 ]
 
 
@@ -360,6 +367,31 @@ class Store:
         await self.db.execute("DELETE FROM device_credentials WHERE member_id=?", (member_id,))
         await self.db.executemany("INSERT INTO device_credentials VALUES (?,?,?,?,?)",
                                   [(member_id, *c) for c in creds])
+
+    async def device_credential(self, member_id: str, credential_id: bytes) -> tuple[bytes, int, bytes] | None:
+        """(COSE public key, sign count, user handle) of the member's credential."""
+        row = await self._one("SELECT cose_public_key, sign_count, user_handle FROM device_credentials "
+                              "WHERE member_id=? AND credential_id=?", (member_id, credential_id))
+        return (row[0], row[1], row[2]) if row else None
+
+    async def set_sign_count(self, member_id: str, credential_id: bytes, count: int) -> None:
+        await self.db.execute("UPDATE device_credentials SET sign_count=? WHERE member_id=? AND credential_id=?",
+                              (count, member_id, credential_id))
+
+    async def issue_nonce(self, nonce: bytes, public_key: str, member_id: str, now: float, ttl: float) -> None:
+        await self.db.execute("DELETE FROM device_challenges WHERE expires_at < ?", (now - 3600,))
+        await self.db.execute("INSERT INTO device_challenges VALUES (?,?,?,?,?,NULL)",
+                              (nonce, public_key, member_id, now, now + ttl))
+
+    async def take_nonce(self, nonce: bytes, now: float) -> tuple[str, str, float] | None:
+        """Consume an unused nonce: (peer key, member id, expiry), or None if unknown or already used."""
+        row = await self._one("SELECT public_key, member_id, expires_at FROM device_challenges "
+                              "WHERE nonce=? AND used_at IS NULL", (nonce,))
+        if row is None:
+            return None
+        cur = await self.db.execute("UPDATE device_challenges SET used_at=? WHERE nonce=? AND used_at IS NULL",
+                                    (now, nonce))
+        return (row[0], row[1], row[2]) if cur.rowcount == 1 else None
 
     # ---- peers ------------------------------------------------------------------------------------
 

@@ -66,6 +66,24 @@ def cmd_backup(args: argparse.Namespace) -> None:
     print(json.dumps(_call(_stub(args.gateway).SubmitBackupCode, req)))
 
 
+def cmd_device(args: argparse.Namespace) -> None:
+    """The client app's PIN & biometrics unlock: fetch the nonce, sign it with the device key, submit."""
+    from gatewayd.lab.authenticator import SoftAuthenticator
+    from gatewayd.v1 import challenge_pb2
+
+    stub = _stub(args.gateway)
+    challenge = stub.GetChallenge(challenge_pb2.GetChallengeRequest(), timeout=10)
+    with open(args.key, "rb") as f:
+        auth = SoftAuthenticator.from_pem(f.read(), credential_id=bytes.fromhex(args.credential_id),
+                                          user_handle=bytes.fromhex(args.user_handle), sign_count=args.sign_count)
+    a = auth.assert_(challenge.device_nonce)
+    request = challenge_pb2.SubmitDeviceAssertionRequest(
+        credential_id=a.credential_id, authenticator_data=a.authenticator_data, client_data_json=a.client_data_json,
+        signature=a.signature, user_handle=a.user_handle)
+    print(json.dumps({"nonce_bytes": len(challenge.device_nonce),
+                      **_call(stub.SubmitDeviceAssertion, request)}))
+
+
 def cmd_watch(args: argparse.Namespace) -> None:
     """Print each status the gateway streams, with the time it arrived, until --count arrived."""
     import grpc
@@ -214,6 +232,12 @@ def main(argv: list[str] | None = None) -> None:
         if name == "watch":
             p.add_argument("--count", type=int, default=2)
             p.add_argument("--timeout", type=float, default=60)
+    p = sub.add_parser("device")
+    p.add_argument("--gateway", default="10.99.0.1:9443")
+    p.add_argument("--key", required=True, help="PEM file of the device's private key")
+    p.add_argument("--credential-id", required=True, help="hex")
+    p.add_argument("--user-handle", required=True, help="hex")
+    p.add_argument("--sign-count", type=int, default=0, help="the authenticator's counter before this use")
     p = sub.add_parser("probe")
     p.add_argument("--to", required=True)
     p.add_argument("--timeout", type=float, default=2.0)

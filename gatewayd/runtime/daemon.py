@@ -35,7 +35,7 @@ from gatewayd.core.session import CoreConfig, Gateway
 from gatewayd.core.tracking import PeerSnapshot, diff
 from gatewayd.ports import Enforcer, FlowTable, PeerSource
 from gatewayd.runtime.driver import Driver
-from gatewayd.runtime.operations import Operations
+from gatewayd.runtime.operations import DevicePolicy, Operations
 from gatewayd.runtime.systemd import notify
 from gatewayd.runtime.tasks import spawn
 
@@ -89,8 +89,10 @@ class Daemon:
         self.store = Store(config.gateway.database, SecretBox.from_file(config.gateway.secrets_key_file))
         self.core = Gateway(CoreConfig(quarantine_unknown_peers=config.gateway.quarantine_unknown_peers))
         a = config.auth
+        d = config.device
         self.ops = Operations(AttemptPolicy(max_failures=a.max_failures, free_failures=a.free_failures,
-                                            base_delay=a.base_delay, max_delay=a.max_delay))
+                                            base_delay=a.base_delay, max_delay=a.max_delay),
+                              DevicePolicy(rp_id=d.rp_id, origins=tuple(d.origins), challenge_ttl=d.challenge_ttl))
         self.driver = Driver(self.core, self.store, adapters.enforcer, adapters.source, adapters.flows,
                              clock=clock, event_retention=config.gateway.event_retention)
         self.control: grpc.aio.Server | None = None

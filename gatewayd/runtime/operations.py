@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gatewayd.auth import backup, limits, totp
+from gatewayd.auth import backup, device, limits, totp
 from gatewayd.core import events as ev
 from gatewayd.core import policy
 from gatewayd.core.model import Factor, Member, Peer, PeerState, ProofKind, Role, TeamPolicy
@@ -56,6 +57,10 @@ class ChallengeView:
     """Why locked."""
     retry_not_before: float | None
     """Earliest next attempt."""
+    device_nonce: bytes = b""
+    """A fresh single-use nonce for a device assertion, when one is owed."""
+    device_nonce_expires: float | None = None
+    """When device_nonce expires."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,9 +73,20 @@ class ProofOutcome:
     """Unused backup codes left (backup code proofs)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class DevicePolicy:
+    rp_id: str = "gateway.example.net"
+    """Relying-party id."""
+    origins: tuple[str, ...] = ("https://gateway.example.net",)
+    """Accepted origins."""
+    challenge_ttl: float = 120.0
+    """Nonce lifetime in seconds."""
+
+
 class Operations:
-    def __init__(self, attempts: limits.AttemptPolicy) -> None:
+    def __init__(self, attempts: limits.AttemptPolicy, device: DevicePolicy | None = None) -> None:
         self.attempts = attempts
+        self.device = device or DevicePolicy()
 
     # ---- control ----------------------------------------------------------------------------------
 
@@ -208,9 +224,58 @@ class Operations:
             retry_not_before=limits.retry_not_before(self.attempts, attempts),
         )
 
-    def challenge(self, public_key: str) -> Job:
+    def challenge(self, public_key: str, *, issue_nonce: bool = True) -> Job:
+        """What the peer owes; with a fresh device nonce when it owes a device proof it can give."""
         async def job(b: Batch) -> ChallengeView:
-            return await self.view(b, _peer(b, public_key))
+            peer = _peer(b, public_key)
+            view = await self.view(b, peer)
+            member = b.core.member_of(peer)
+            if issue_nonce and member is not None and Factor.DEVICE in view.accepted:
+                nonce = os.urandom(device.NONCE_BYTES)
+                await b.store.issue_nonce(nonce, public_key, member.member_id, b.now, self.device.challenge_ttl)
+                view = replace(view, device_nonce=nonce, device_nonce_expires=b.now + self.device.challenge_ttl)
+            return view
+        return job
+
+    def submit_device_assertion(self, public_key: str, assertion: device.Assertion) -> Job:
+        async def job(b: Batch) -> ProofOutcome:
+            peer = _peer(b, public_key)
+            member, auth = await self._gate(b, peer, ProofKind.DEVICE)
+            subject = f"member/{member.member_id}"
+
+            async def failed(reason: str, detail: str) -> ProofOutcome:
+                b.publish("device.assertion_refused", subject, peer=public_key, reason=reason, detail=detail)
+                return await self._failed(b, peer, member, auth.attempts, Factor.DEVICE, reason)
+
+            # The challenge is consumed by any attempt that names it: one try per nonce.
+            nonce = device.challenge_of(assertion)
+            taken = await b.store.take_nonce(nonce, b.now) if nonce else None
+            if taken is None:
+                return await failed("unknown_or_used_challenge", "the challenge was not issued or is used")
+            owner, owner_member, expires = taken
+            if owner != public_key or owner_member != member.member_id:
+                return await failed("challenge_of_another_peer", "the challenge was issued to another peer")
+            if b.now > expires:
+                return await failed("expired_challenge", "the challenge expired")
+            stored = await b.store.device_credential(member.member_id, assertion.credential_id)
+            if stored is None:
+                return await failed("foreign_credential", "the credential is not the member's")
+            cose, sign_count, user_handle = stored
+            if assertion.user_handle and assertion.user_handle != user_handle:
+                return await failed("wrong_user_handle", "the user handle is not the credential's")
+            verdict = device.verify(assertion, nonce=nonce or b"", rp_id=self.device.rp_id,
+                                    origins=list(self.device.origins), cose_public_key=cose,
+                                    stored_sign_count=sign_count)
+            if verdict.outcome is device.Outcome.CLONED:
+                b.publish("device.possible_clone", subject, peer=public_key,
+                          credential_id=device.b64url(assertion.credential_id), detail=verdict.detail)
+                return await failed(verdict.outcome.value, verdict.detail)
+            if verdict.outcome is not device.Outcome.ACCEPTED:
+                return await failed(verdict.outcome.value, verdict.detail)
+            await b.store.set_sign_count(member.member_id, assertion.credential_id, verdict.new_sign_count)
+            await b.store.save_attempts(member.member_id, limits.RESET)
+            b.feed(ev.ProofAccepted(public_key=public_key, factor=Factor.DEVICE, verified_at=b.now))
+            return ProofOutcome(accepted=True, status=await self.view(b, peer))
         return job
 
     async def _gate(self, b: Batch, peer: Peer, kind: ProofKind) -> tuple[Member, Any]:

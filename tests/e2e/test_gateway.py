@@ -11,6 +11,7 @@ from typing import Any
 import pyotp
 import pytest
 
+from gatewayd.lab.authenticator import SoftAuthenticator
 from gatewayd.lab.gateway import Gateway
 from gatewayd.lab.netlab import GATEWAY_TUNNEL_IP, SERVER_IP, Lab, LabPeer, run
 from gatewayd.v1 import control_pb2, types_pb2
@@ -163,3 +164,23 @@ def test_untracked_address_is_refused_by_the_challenge_api(lab: Lab, gateway: Ga
     answer = agent(lab.srv_ns, "challenge", "--gateway", "198.19.0.1:9443")
     assert answer == {"ok": False, "code": "PERMISSION_DENIED",
                       "details": "the caller is not a tunnel address of a tracked peer"}
+
+
+def test_quarantined_peer_is_released_by_a_device_proof(lab: Lab, gateway: Gateway, agent: Agent) -> None:
+    p2 = lab.peers[1]
+    auth = SoftAuthenticator()
+    gateway.control().UpsertMember(control_pb2.UpsertMemberRequest(
+        member_id="erin", team_id="blue", role=types_pb2.MEMBER_ROLE_MEMBER, peer_public_keys=[p2.public_key],
+        device_credentials=[control_pb2.DeviceCredential(credential_id=auth.credential_id,
+                                                         cose_public_key=auth.cose_public_key,
+                                                         user_handle=auth.user_handle)],
+        replace_device_credentials=True))
+    wait_state(gateway, p2, types_pb2.PEER_STATE_AUTHORIZED)
+    disconnect(gateway, "erin", "device")
+    assert agent.probe(p2, f"{SERVER_IP}:5001") in ("EHOSTUNREACH", "timeout")
+    key_file = lab.workdir / "erin.pem"
+    key_file.write_bytes(auth.private_pem())
+    result = agent(p2.ns, "device", "--gateway", CHALLENGE, "--key", str(key_file),
+                   "--credential-id", auth.credential_id.hex(), "--user-handle", auth.user_handle.hex())
+    assert result["nonce_bytes"] >= 32 and result["accepted"], result
+    assert agent.probe(p2, f"{SERVER_IP}:5001") in ("connected", "ECONNREFUSED")

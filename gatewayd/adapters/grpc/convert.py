@@ -13,7 +13,7 @@ import json
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gatewayd.adapters.sqlite_store import StoredEvent
-from gatewayd.auth import backup, totp
+from gatewayd.auth import backup, device, totp
 from gatewayd.core.model import Factor, Member, Peer, PeerState, ProofKind, Role, Roles, Scope, TeamPolicy
 from gatewayd.core.session import DisconnectOutcome
 from gatewayd.core.tracking import PeerSnapshot
@@ -142,7 +142,21 @@ def _device(c: control_pb2.DeviceCredential, i: int) -> tuple[bytes, bytes, int,
         raise invalid(f"{f}.user_handle", "must be 1 to 64 bytes")
     if not 16 <= len(c.cose_public_key) <= 2048:
         raise invalid(f"{f}.cose_public_key", "must be a COSE_Key of 16 to 2048 bytes")
+    try:
+        device.check_public_key(c.cose_public_key)
+    except device.KeyError_ as exc:
+        raise invalid(f"{f}.cose_public_key", str(exc)) from None
     return (c.credential_id, c.cose_public_key, c.sign_count, c.user_handle)
+
+
+def assertion(req: challenge_pb2.SubmitDeviceAssertionRequest) -> device.Assertion:
+    for name, low, high in (("credential_id", 1, 1023), ("authenticator_data", 37, 4096),
+                            ("client_data_json", 2, 8192), ("signature", 16, 1024), ("user_handle", 0, 64)):
+        if not low <= len(getattr(req, name)) <= high:
+            raise invalid(name, f"must be {low} to {high} bytes")
+    return device.Assertion(credential_id=req.credential_id, authenticator_data=req.authenticator_data,
+                            client_data_json=req.client_data_json, signature=req.signature,
+                            user_handle=req.user_handle)
 
 
 def disconnect(req: control_pb2.DisconnectRequest) -> dict[str, str | None]:
@@ -206,6 +220,11 @@ def challenge(view: ChallengeView) -> challenge_pb2.Challenge:
     ts = timestamp(view.retry_not_before)
     if ts is not None:
         msg.retry_not_before.CopyFrom(ts)
+    if view.device_nonce:
+        msg.device_nonce = view.device_nonce
+        expires = timestamp(view.device_nonce_expires)
+        assert expires is not None
+        msg.device_nonce_expires.CopyFrom(expires)
     return msg
 
 

@@ -182,8 +182,8 @@ class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ig
 
     async def SubmitDeviceAssertion(self, request: challenge_pb2.SubmitDeviceAssertionRequest,
                                     context: grpc.aio.ServicerContext) -> challenge_pb2.ProofResult:
-        self._caller(context)
-        raise Refused(Status.UNIMPLEMENTED, "device assertions are not verified by this gateway yet")
+        key = self._caller(context)
+        return _result(await self.driver.submit(self.ops.submit_device_assertion(key, convert.assertion(request))))
 
     async def WatchStatus(self, request: challenge_pb2.WatchStatusRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[challenge_pb2.Challenge]:
@@ -194,7 +194,7 @@ class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ig
         try:
             last = None
             while True:
-                view = convert.challenge(await self.driver.submit(self.ops.challenge(key)))
+                view = convert.challenge(await self.driver.submit(self.ops.challenge(key, issue_nonce=False)))
                 if view != last:
                     yield view
                     last = view

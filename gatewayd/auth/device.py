@@ -1,0 +1,125 @@
+"""PIN & biometrics: a WebAuthn authentication assertion by a device-bound key, with user verification.
+
+The `webauthn` package checks what WebAuthn defines for an assertion (type "webauthn.get", the challenge, an
+accepted origin, the rpIdHash, UP and — required here — UV, consistent backup flags, the signature over
+authenticatorData || SHA-256(clientDataJSON)). What it leaves to the relying party is done here and in the
+driver: the credential must belong to the member, the user handle must match, each challenge is single-use
+and bound to one peer and member, and sign counts are stored; a count that does not grow is reported as a
+possible cloned authenticator.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import struct
+from dataclasses import dataclass
+
+from webauthn import verify_authentication_response
+from webauthn.helpers import decode_credential_public_key, decoded_public_key_to_cryptography
+from webauthn.helpers.cose import COSEAlgorithmIdentifier
+from webauthn.helpers.exceptions import WebAuthnException
+from webauthn.helpers.structs import AuthenticationCredential, AuthenticatorAssertionResponse
+
+ALGORITHMS = {
+    COSEAlgorithmIdentifier.ECDSA_SHA_256: "ES256",
+    COSEAlgorithmIdentifier.EDDSA: "EdDSA",
+    COSEAlgorithmIdentifier.RSASSA_PKCS1_v1_5_SHA_256: "RS256",
+}
+NONCE_BYTES = 32
+
+
+class KeyError_(ValueError):
+    """A device credential's public key is unusable."""
+
+
+def check_public_key(cose: bytes) -> str:
+    """The algorithm name of a COSE_Key we accept; raises KeyError_ for malformed or unsupported keys."""
+    try:
+        decoded = decode_credential_public_key(cose)
+        decoded_public_key_to_cryptography(decoded)
+    except Exception as exc:  # the decoders raise several types for garbage input
+        raise KeyError_(f"not a valid COSE_Key: {exc}") from None
+    alg = ALGORITHMS.get(decoded.alg)
+    if alg is None:
+        raise KeyError_(f"unsupported algorithm {decoded.alg}; accepted: ES256, EdDSA, RS256")
+    return alg
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def from_b64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Assertion:
+    credential_id: bytes
+    """Credential id."""
+    authenticator_data: bytes
+    """Authenticator data."""
+    client_data_json: bytes
+    """Client data JSON as signed."""
+    signature: bytes
+    """Signature."""
+    user_handle: bytes
+    """User handle, may be empty."""
+
+
+def challenge_of(assertion: Assertion) -> bytes | None:
+    """The challenge the client data claims to answer, or None when the client data is unreadable."""
+    try:
+        data = json.loads(assertion.client_data_json)
+        return from_b64url(str(data["challenge"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def sign_count_of(assertion: Assertion) -> int | None:
+    data = assertion.authenticator_data
+    return struct.unpack(">I", data[33:37])[0] if len(data) >= 37 else None
+
+
+class Outcome(enum.Enum):
+    ACCEPTED = "accepted"
+    INVALID = "invalid_assertion"
+    CLONED = "sign_count_not_increasing"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    outcome: Outcome
+    """Outcome."""
+    detail: str = ""
+    """Why, when refused."""
+    new_sign_count: int = 0
+    """The authenticator's sign count, when accepted."""
+
+
+def verify(assertion: Assertion, *, nonce: bytes, rp_id: str, origins: list[str], cose_public_key: bytes,
+           stored_sign_count: int) -> Verdict:
+    """Verify an assertion against an issued nonce and a stored credential (UV required)."""
+    count = sign_count_of(assertion)
+    if count is not None and (count > 0 or stored_sign_count > 0) and count <= stored_sign_count:
+        return Verdict(outcome=Outcome.CLONED,
+                       detail=f"sign count {count} does not exceed the stored {stored_sign_count}")
+    credential = AuthenticationCredential(
+        id=b64url(assertion.credential_id), raw_id=assertion.credential_id,
+        response=AuthenticatorAssertionResponse(
+            client_data_json=assertion.client_data_json, authenticator_data=assertion.authenticator_data,
+            signature=assertion.signature, user_handle=assertion.user_handle or None))
+    try:
+        verified = verify_authentication_response(
+            credential=credential, expected_challenge=nonce, expected_rp_id=rp_id, expected_origin=origins,
+            credential_public_key=cose_public_key, credential_current_sign_count=stored_sign_count,
+            require_user_verification=True)
+    except WebAuthnException as exc:
+        return Verdict(outcome=Outcome.INVALID, detail=str(exc))
+    except (ValueError, TypeError, struct.error) as exc:
+        return Verdict(outcome=Outcome.INVALID, detail=f"malformed assertion: {exc}")
+    if not verified.user_verified:
+        return Verdict(outcome=Outcome.INVALID, detail="user verification is required")
+    return Verdict(outcome=Outcome.ACCEPTED, new_sign_count=verified.new_sign_count)
