@@ -82,6 +82,36 @@ class ChallengeSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MqttSection:
+    host: str = ""
+    """Broker host; empty: no broker (events go to WatchEvents and the log only)."""
+    port: int = 1883
+    """Broker port."""
+    topic_prefix: str = "gatewayd"
+    """Events go to <topic_prefix>/<gateway id>/events/<type>; status to <topic_prefix>/<gateway id>/status."""
+    client_id: str = ""
+    """MQTT client id; empty: gatewayd-<gateway id>."""
+    username: str = ""
+    """Username; empty: none."""
+    password_file: Path | None = None
+    """File with the password (systemd LoadCredential)."""
+    tls: bool = False
+    """Connect with TLS."""
+    ca_file: Path | None = None
+    """CA bundle for the broker certificate; empty: the system's."""
+    cert_file: Path | None = None
+    """Client certificate (PEM), if the broker wants one."""
+    key_file: Path | None = None
+    """Client key (PEM)."""
+    in_flight: int = 64
+    """Messages awaiting PUBACK at once."""
+    keepalive: int = 30
+    """MQTT keepalive in seconds."""
+    max_unpublished: int = 1_000_000
+    """Events kept for a broker that is down; beyond it the oldest are dropped (and logged)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class DeviceSection:
     rp_id: str = "gateway.example.net"
     """WebAuthn relying-party id the client apps' device credentials are scoped to."""
@@ -119,6 +149,8 @@ class Config:
     """[auth]"""
     device: DeviceSection = field(default_factory=DeviceSection)
     """[device]"""
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    """[mqtt]"""
 
 
 METHODS = {"Disconnect", "ApplyTeamPolicy", "UpsertMember", "RemoveMember", "ResetMfa", "UnlockMfa",
@@ -230,6 +262,20 @@ def validate(cfg: Config) -> Config:
         _host_port(f"challenge.listen[{i}]", address)
     if not 1 <= cfg.challenge.port <= 65535:
         raise ConfigError("challenge.port", "must be a port number")
+    mq = cfg.mqtt
+    if mq.host:
+        if not 1 <= mq.port <= 65535:
+            raise ConfigError("mqtt.port", "must be a port number")
+        if not 1 <= mq.in_flight <= 1000:
+            raise ConfigError("mqtt.in_flight", "must be 1 to 1000")
+        if not 5 <= mq.keepalive <= 3600:
+            raise ConfigError("mqtt.keepalive", "must be 5 to 3600 seconds")
+        if bool(mq.cert_file) != bool(mq.key_file):
+            raise ConfigError("mqtt.cert_file", "cert_file and key_file go together")
+        if any(c in mq.topic_prefix for c in "#+") or not mq.topic_prefix:
+            raise ConfigError("mqtt.topic_prefix", "must be a topic level without wildcards")
+    if mq.max_unpublished < 1000:
+        raise ConfigError("mqtt.max_unpublished", "must be at least 1000")
     d = cfg.device
     if not d.rp_id or "/" in d.rp_id or ":" in d.rp_id:
         raise ConfigError("device.rp_id", "must be a domain name (no scheme, port or path)")

@@ -14,7 +14,7 @@ REQUIRE_KERNEL = os.environ.get("GATEWAYD_REQUIRE_KERNEL") == "1"
 def kernel_missing() -> str | None:
     if os.geteuid() != 0:
         return "needs root"
-    for tool in ("ip", "nft", "wireguard-go", "wg", "conntrack"):
+    for tool in ("ip", "nft", "wireguard-go", "wg", "conntrack", "mosquitto"):
         if shutil.which(tool) is None:
             return f"needs {tool}"
     return None

@@ -8,6 +8,7 @@ streams. WAL with synchronous=FULL: replay and double-spend protection rest on c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -79,6 +80,10 @@ MIGRATIONS: list[str] = [
         nonce BLOB PRIMARY KEY, public_key TEXT NOT NULL, member_id TEXT NOT NULL,
         issued_at REAL NOT NULL, expires_at REAL NOT NULL, used_at REAL);
     CREATE INDEX device_challenges_expiry ON device_challenges(expires_at);
+    """,
+    # 3: find unpublished events without a scan
+    """
+    CREATE INDEX outbox_unpublished ON outbox(cursor) WHERE published = 0;
     """,
 ]
 
@@ -421,8 +426,39 @@ class Store:
             "INSERT INTO outbox (cursor, id, type, time, subject, data_json) VALUES (?,?,?,?,?,?)",
             [(e.cursor, e.id, e.type, e.time, e.subject, e.data_json) for e in events])
 
-    async def prune_outbox(self, keep: int) -> None:
-        await self.db.execute("DELETE FROM outbox WHERE cursor <= ?", (self.next_cursor - 1 - keep,))
+    async def prune_outbox(self, keep: int, *, keep_unpublished: bool, max_unpublished: int) -> None:
+        """Keep the latest `keep` events; with a broker, also every event not yet acknowledged by it, up to
+        `max_unpublished` (beyond that the oldest are dropped, loudly: a broker that is gone for good must not
+        fill the disk)."""
+        limit = self.next_cursor - 1 - keep
+        if not keep_unpublished:
+            await self.db.execute("DELETE FROM outbox WHERE cursor <= ?", (limit,))
+            return
+        await self.db.execute("DELETE FROM outbox WHERE cursor <= ? AND published = 1", (limit,))
+        cur = await self.db.execute(
+            "DELETE FROM outbox WHERE published = 0 AND cursor <= ?", (self.next_cursor - 1 - max_unpublished,))
+        if cur.rowcount:
+            logging.getLogger(__name__).error("outbox over %d unpublished events: dropped the %d oldest",
+                                              max_unpublished, cur.rowcount)
+
+    async def mark_published(self, cursors: Sequence[int]) -> None:
+        await self.db.executemany("UPDATE outbox SET published = 1 WHERE cursor = ?", [(c,) for c in cursors])
+
+    async def unpublished(self, limit: int) -> list[StoredEvent]:
+        assert self._reader is not None
+        async with self._reader.execute(
+            "SELECT cursor, id, type, time, subject, data_json FROM outbox WHERE published = 0 "
+            "ORDER BY cursor LIMIT ?", (limit,)) as cur:
+            rows = await cur.fetchall()
+        return [StoredEvent(cursor=r[0], id=r[1], type=r[2], time=r[3], subject=r[4], data_json=r[5])
+                for r in rows]
+
+    async def outbox_stats(self) -> tuple[int, float | None]:
+        """(unpublished events, time of the oldest unpublished one)."""
+        assert self._reader is not None
+        async with self._reader.execute("SELECT count(*), min(time) FROM outbox WHERE published = 0") as cur:
+            row = await cur.fetchone()
+        return (int(row[0]), row[1]) if row else (0, None)
 
     async def events_after(self, cursor: int, limit: int = 1000) -> list[StoredEvent]:
         assert self._reader is not None

@@ -26,6 +26,7 @@ from gatewayd.adapters.grpc.listeners import (
     control_server,
 )
 from gatewayd.adapters.grpc.services import ChallengeService, ControlService
+from gatewayd.adapters.mqtt import BrokerSettings, OutboxPublisher
 from gatewayd.adapters.rtnetlink import LinkWatcher
 from gatewayd.adapters.sqlite_store import SecretBox, Store
 from gatewayd.auth.limits import AttemptPolicy
@@ -94,7 +95,18 @@ class Daemon:
                                             base_delay=a.base_delay, max_delay=a.max_delay),
                               DevicePolicy(rp_id=d.rp_id, origins=tuple(d.origins), challenge_ttl=d.challenge_ttl))
         self.driver = Driver(self.core, self.store, adapters.enforcer, adapters.source, adapters.flows,
-                             clock=clock, event_retention=config.gateway.event_retention)
+                             clock=clock, event_retention=config.gateway.event_retention,
+                             keep_unpublished=bool(config.mqtt.host), max_unpublished=config.mqtt.max_unpublished)
+        self.publisher: OutboxPublisher | None = None
+        m = config.mqtt
+        if m.host:
+            self.publisher = OutboxPublisher(
+                BrokerSettings(host=m.host, port=m.port, gateway_id=config.gateway.id, topic_prefix=m.topic_prefix,
+                               client_id=m.client_id, username=m.username, password_file=m.password_file, tls=m.tls,
+                               ca_file=m.ca_file, cert_file=m.cert_file, key_file=m.key_file, in_flight=m.in_flight,
+                               keepalive=m.keepalive),
+                self.store, lambda cursors: self.driver.submit(self.ops.mark_published(list(cursors))),
+                self.driver.events_appended)
         self.control: grpc.aio.Server | None = None
         self.challenge: grpc.aio.Server | None = None
         self.challenge_ports: list[int] = []
@@ -119,6 +131,8 @@ class Daemon:
                             last_handshake=p.last_handshake, rx_bytes=0, tx_bytes=0, keepalive=0)
             for k, p in self.core.peers.items() if p.present}
         self._tasks.append(spawn(self.driver.run(), name="driver"))
+        if self.publisher is not None:
+            self._tasks.append(spawn(self.publisher.run(), name="mqtt"))
         if self.adapters.watch_links:
             self.links = LinkWatcher(self.config.wireguard.interface, self._link_changed)
             await self.links.start()

@@ -118,11 +118,17 @@ class Driver:
         *,
         clock: Callable[[], float] = time.time,
         event_retention: int = 100_000,
+        keep_unpublished: bool = False,
+        max_unpublished: int = 1_000_000,
     ) -> None:
         self.core, self.store, self.enforcer = core, store, enforcer
         self.source, self.flows = source, flows
         self.clock = clock
         self.event_retention = event_retention
+        self.keep_unpublished = keep_unpublished
+        self.max_unpublished = max_unpublished
+        self.events_appended = asyncio.Event()
+        """Set whenever a batch committed events (the MQTT publisher waits on it)."""
         self.watchers = Watchers()
         self.snapshot: dict[str, PeerSnapshot] = {}
         self.batches = 0
@@ -297,7 +303,8 @@ class Driver:
             if events:
                 await self.store.append_events(events)
                 self.store.next_cursor += len(events)
-                await self.store.prune_outbox(self.event_retention)
+                await self.store.prune_outbox(self.event_retention, keep_unpublished=self.keep_unpublished,
+                                              max_unpublished=self.max_unpublished)
             await self.store.commit()
 
         cut_result, persisted = await asyncio.gather(cut_task, persist(), return_exceptions=True)
@@ -332,6 +339,8 @@ class Driver:
         self.enforcement_healthy = True
 
     def _notify(self, events: list[StoredEvent], peers: Any) -> None:
+        if events:
+            self.events_appended.set()
         for sub in list(self.watchers.events):
             for e in events:
                 if not sub.offer(e):

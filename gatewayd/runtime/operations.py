@@ -199,6 +199,12 @@ class Operations:
             b.publish(type_, subject, **data)
         return job
 
+    def mark_published(self, cursors: list[int]) -> Job:
+        """The broker acknowledged these events."""
+        async def job(b: Batch) -> None:
+            await b.store.mark_published(cursors)
+        return job
+
     def feed(self, events: list[ev.Event]) -> Job:
         """Tracking events (from the WireGuard poll)."""
         async def job(b: Batch) -> None:

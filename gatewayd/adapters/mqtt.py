@@ -1,0 +1,136 @@
+"""Security events to MQTT (aiomqtt, QoS 1) from the SQLite outbox: at least once, nothing lost.
+
+Events are written to the outbox in the same transaction as the state change they report. This publisher
+reads unpublished events in order, publishes them in windows of `in_flight` messages as CloudEvents 1.0 JSON
+on `<prefix>/<gateway-id>/events/<type>`, and marks them published only after the broker's PUBACK (through
+the driver, the one writer). A broker outage or a restart therefore loses nothing and redelivers with the
+same event ids. A retained `<prefix>/<gateway-id>/status` says online/offline, with a last will for crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+
+from gatewayd.adapters.sqlite_store import Store, StoredEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSettings:
+    host: str
+    """Broker host."""
+    port: int = 1883
+    """Broker port."""
+    gateway_id: str = "gateway-1"
+    """Source of the events and topic segment."""
+    topic_prefix: str = "gatewayd"
+    """First topic level."""
+    client_id: str = ""
+    """MQTT client id; empty: gatewayd-<gateway id>."""
+    username: str = ""
+    """Username; empty: none."""
+    password_file: Path | None = None
+    """File holding the password (systemd LoadCredential)."""
+    tls: bool = False
+    """Connect with TLS."""
+    ca_file: Path | None = None
+    """CA bundle for the broker's certificate (default: system store)."""
+    cert_file: Path | None = None
+    """Client certificate (PEM) for brokers that want one."""
+    key_file: Path | None = None
+    """Client key (PEM)."""
+    in_flight: int = 64
+    """Messages awaiting PUBACK at once."""
+    keepalive: int = 30
+    """MQTT keepalive in seconds."""
+    max_backoff: float = 30.0
+    """Longest wait between reconnection attempts."""
+
+
+def cloudevent(e: StoredEvent, source: str) -> bytes:
+    time = dt.datetime.fromtimestamp(e.time, dt.UTC).isoformat().replace("+00:00", "Z")
+    return json.dumps({
+        "specversion": "1.0", "id": e.id, "source": source, "type": e.type, "time": time, "subject": e.subject,
+        "datacontenttype": "application/json", "data": json.loads(e.data_json),
+    }, separators=(",", ":")).encode()
+
+
+class OutboxPublisher:
+    def __init__(self, settings: BrokerSettings, store: Store,
+                 mark_published: Callable[[Sequence[int]], Awaitable[None]], wake: asyncio.Event) -> None:
+        self.settings = settings
+        self.store = store
+        self.mark_published = mark_published
+        self.wake = wake
+        self.connected = False
+        self.published = 0
+        s = settings
+        self.status_topic = f"{s.topic_prefix}/{s.gateway_id}/status"
+
+    def topic(self, e: StoredEvent) -> str:
+        return f"{self.settings.topic_prefix}/{self.settings.gateway_id}/events/{e.type}"
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings
+        context = None
+        if s.tls:
+            context = ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
+            if s.cert_file and s.key_file:
+                context.load_cert_chain(str(s.cert_file), str(s.key_file))
+        password = s.password_file.read_text().strip() if s.password_file else None
+        client = aiomqtt.Client(
+            s.host, s.port, identifier=s.client_id or f"gatewayd-{s.gateway_id}", username=s.username or None,
+            password=password, keepalive=s.keepalive, tls_context=context, clean_session=True,
+            max_inflight_messages=s.in_flight, timeout=10,
+            will=aiomqtt.Will(self.status_topic, b"offline", qos=1, retain=True))
+        client.pending_calls_threshold = s.in_flight * 2
+        return client
+
+    async def run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                async with self._client() as client:
+                    self.connected = True
+                    backoff = 0.5
+                    log.info("mqtt: connected to %s:%d", self.settings.host, self.settings.port)
+                    await client.publish(self.status_topic, b"online", qos=1, retain=True)
+                    try:
+                        await self._drain(client)
+                    finally:
+                        # On a graceful stop say so; the last will covers crashes and lost connections.
+                        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                            await client.publish(self.status_topic, b"offline", qos=1, retain=True, timeout=2)
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt: %s; retrying in %.1f s", exc, backoff)
+            finally:
+                self.connected = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.settings.max_backoff)
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        source = self.settings.gateway_id
+        while True:
+            self.wake.clear()
+            batch = await self.store.unpublished(self.settings.in_flight)
+            if not batch:
+                try:
+                    await asyncio.wait_for(self.wake.wait(), 1.0)
+                except TimeoutError:
+                    pass
+                continue
+            await asyncio.gather(*(client.publish(self.topic(e), cloudevent(e, source), qos=1) for e in batch))
+            # Every message of the window was acknowledged (PUBACK): only now may they leave the outbox.
+            await self.mark_published([e.cursor for e in batch])
+            self.published += len(batch)
