@@ -27,6 +27,7 @@ def _run(path: Path) -> int:
     import uvloop
 
     from gatewayd.runtime.daemon import Daemon, kernel_adapters
+    from gatewayd.runtime.tasks import spawn
 
     config = load(path)
 
@@ -35,7 +36,9 @@ def _run(path: Path) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Daemon(config, kernel_adapters(config)).serve(stop)
+        daemon = Daemon(config, kernel_adapters(config), config_path=path)
+        loop.add_signal_handler(signal.SIGHUP, lambda: spawn(daemon.reload(), name="reload"))
+        await daemon.serve(stop)
 
     uvloop.run(main())
     return 0

@@ -127,15 +127,36 @@ def config_for(tmp: Path, ca: Authority, **auth: Any) -> Config:
     )
 
 
+def write_config(config: Config, path: Path) -> Path:
+    """The config as a TOML file (for reload tests)."""
+    import dataclasses
+
+    from gatewayd.lab.gateway import dump_toml
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if value is None:
+            return ""
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    path.write_text(dump_toml(plain(dataclasses.asdict(config))))
+    return path
+
+
 async def start(tmp: Path, ca: Authority, config: Config | None = None,
                 source: MemorySource | None = None, enforcer: MemoryEnforcer | None = None,
-                clock: Clock | None = None) -> Harness:
+                clock: Clock | None = None, config_path: Path | None = None) -> Harness:
     enforcer = enforcer or MemoryEnforcer()
     source = source or MemorySource()
     flows = MemoryFlows()
     clock = clock or Clock()
     daemon = Daemon(config or config_for(tmp, ca), Adapters(enforcer=enforcer, source=source, flows=flows),
-                    clock=clock, autopoll=False)
+                    clock=clock, autopoll=False, config_path=config_path)
     await daemon.start()
     return Harness(daemon, enforcer, source, flows, clock, tmp, ca)
 

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,14 +31,14 @@ from gatewayd.adapters.mqtt import BrokerSettings, OutboxPublisher
 from gatewayd.adapters.rtnetlink import LinkWatcher
 from gatewayd.adapters.sqlite_store import SecretBox, Store
 from gatewayd.auth.limits import AttemptPolicy
-from gatewayd.config import Config
+from gatewayd.config import Config, ConfigError, load
 from gatewayd.core.events import Event
 from gatewayd.core.session import CoreConfig, Gateway
 from gatewayd.core.tracking import PeerSnapshot, diff
 from gatewayd.ports import Enforcer, FlowTable, PeerSource
 from gatewayd.runtime.driver import Driver
 from gatewayd.runtime.operations import DevicePolicy, Operations
-from gatewayd.runtime.systemd import notify
+from gatewayd.runtime.systemd import notify, watchdog_interval
 from gatewayd.runtime.tasks import spawn
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,9 @@ async def diff_in_slices(old: Mapping[str, PeerSnapshot], new: Mapping[str, Peer
 
 class Daemon:
     def __init__(self, config: Config, adapters: Adapters, *, clock: Callable[[], float] = time.time,
-                 autopoll: bool = True) -> None:
+                 autopoll: bool = True, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.autopoll = autopoll
         self.adapters = adapters
         self.clock = clock
@@ -141,23 +143,101 @@ class Daemon:
             if self.autopoll:
                 self._tasks.append(spawn(self._track(), name="tracker"))
         c = self.config.control
-        limits = ListenerLimits(max_message_bytes=c.max_message_bytes, max_deadline=c.max_deadline)
-        tls = None
-        if c.listen:
-            assert c.tls_cert_file and c.tls_key_file and c.client_ca_file
-            tls = TlsFiles(cert=c.tls_cert_file, key=c.tls_key_file, client_ca=c.client_ca_file)
-        authorizer = Authorizer({p: frozenset(m) for p, m in c.authorization.items()}, c.unix_principal)
-        if c.listen or c.unix_socket:
-            self.control, self.control_port = await control_server(
-                ControlService(self.driver, self.ops), tcp=c.listen or None, tls=tls, unix_socket=c.unix_socket,
-                unix_mode=c.unix_socket_mode, authorizer=authorizer, limits=limits)
-        if self.config.challenge.listen:
-            self.challenge, self.challenge_ports = await challenge_server(
-                ChallengeService(self.driver, self.ops), self.config.challenge.listen, limits)
+        self.authorizer = Authorizer({p: frozenset(m) for p, m in c.authorization.items()}, c.unix_principal)
+        await self._start_control()
+        await self._start_challenge()
+        watchdog = watchdog_interval()
+        if watchdog is not None:
+            self._tasks.append(spawn(self._watchdog(watchdog), name="watchdog"))
         self.ready.set()
         notify("READY=1\nSTATUS=enforcing")
         log.info("gatewayd %s ready: %d peers, %d quarantined prefixes", self.config.gateway.id,
                  len(self.core.peers), len(self.core.enforced_prefixes()))
+
+    def _limits(self) -> ListenerLimits:
+        c = self.config.control
+        return ListenerLimits(max_message_bytes=c.max_message_bytes, max_deadline=c.max_deadline)
+
+    async def _start_control(self) -> None:
+        c = self.config.control
+        tls = None
+        if c.listen:
+            assert c.tls_cert_file and c.tls_key_file and c.client_ca_file
+            tls = TlsFiles(cert=c.tls_cert_file, key=c.tls_key_file, client_ca=c.client_ca_file)
+        if c.listen or c.unix_socket:
+            self.control, self.control_port = await control_server(
+                ControlService(self.driver, self.ops), tcp=c.listen or None, tls=tls, unix_socket=c.unix_socket,
+                unix_mode=c.unix_socket_mode, authorizer=self.authorizer, limits=self._limits())
+
+    async def _start_challenge(self) -> None:
+        if self.config.challenge.listen:
+            self.challenge, self.challenge_ports = await challenge_server(
+                ChallengeService(self.driver, self.ops), self.config.challenge.listen, self._limits())
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 only while the driver makes progress: a heartbeat job must get through it in time."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self.driver.submit(self.ops.heartbeat()), interval)
+            except TimeoutError:
+                log.error("driver made no progress for %.1f s: withholding the watchdog ping", interval)
+                continue
+            notify("WATCHDOG=1")
+
+    async def reload(self) -> bool:
+        """SIGHUP: validate the file first; swap in what can change at runtime, or keep the old config."""
+        if self.config_path is None:
+            return False
+        try:
+            new = load(self.config_path)
+            fixed = [key for key, old, cur in (
+                ("gateway.id", self.config.gateway.id, new.gateway.id),
+                ("gateway.database", self.config.gateway.database, new.gateway.database),
+                ("gateway.secrets_key_file", self.config.gateway.secrets_key_file, new.gateway.secrets_key_file),
+                ("wireguard.interface", self.config.wireguard.interface, new.wireguard.interface),
+                ("wireguard.backend", self.config.wireguard.backend, new.wireguard.backend),
+                ("enforcement", self.config.enforcement, new.enforcement),
+                ("mqtt", self.config.mqtt, new.mqtt),
+            ) if old != cur]
+            if fixed:
+                raise ConfigError(fixed[0], "cannot change while running; restart gatewayd")
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            await self.driver.submit(self.ops.note("config.reload_refused", f"gateway/{self.config.gateway.id}",
+                                                   {"reason": str(exc)}))
+            return False
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        old, self.config = self.config, new
+        a, d = new.auth, new.device
+        self.ops.attempts = AttemptPolicy(max_failures=a.max_failures, free_failures=a.free_failures,
+                                          base_delay=a.base_delay, max_delay=a.max_delay)
+        self.ops.device = DevicePolicy(rp_id=d.rp_id, origins=tuple(d.origins), challenge_ttl=d.challenge_ttl)
+        self.core.config = CoreConfig(quarantine_unknown_peers=new.gateway.quarantine_unknown_peers)
+        self.driver.event_retention = new.gateway.event_retention
+        self.authorizer.rules = {p: frozenset(m) for p, m in new.control.authorization.items()}
+        self.authorizer.local_principal = new.control.unix_principal
+        rebound = []
+        if (old.control.listen, old.control.unix_socket, old.control.tls_cert_file, old.control.tls_key_file,
+                old.control.client_ca_file, old.control.max_message_bytes) != (
+                new.control.listen, new.control.unix_socket, new.control.tls_cert_file, new.control.tls_key_file,
+                new.control.client_ca_file, new.control.max_message_bytes):
+            if self.control is not None:
+                await self.control.stop(SHUTDOWN_GRACE)
+            self.control = None
+            await self._start_control()
+            rebound.append("control")
+        if old.challenge.listen != new.challenge.listen:
+            if self.challenge is not None:
+                await self.challenge.stop(SHUTDOWN_GRACE)
+            self.challenge = None
+            await self._start_challenge()
+            rebound.append("challenge")
+        await self.driver.submit(self.ops.note("config.reloaded", f"gateway/{new.gateway.id}",
+                                               {"listeners_rebound": rebound}))
+        notify("READY=1\nSTATUS=enforcing (configuration reloaded)")
+        log.info("configuration reloaded%s", f"; rebound {', '.join(rebound)}" if rebound else "")
+        return True
 
     async def poll_once(self) -> None:
         assert self.adapters.source is not None

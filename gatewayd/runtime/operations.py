@@ -199,6 +199,12 @@ class Operations:
             b.publish(type_, subject, **data)
         return job
 
+    def heartbeat(self) -> Job:
+        """Nothing: proof that the driver takes jobs (the watchdog's test)."""
+        async def job(b: Batch) -> None:
+            return None
+        return job
+
     def mark_published(self, cursors: list[int]) -> Job:
         """The broker acknowledged these events."""
         async def job(b: Batch) -> None:

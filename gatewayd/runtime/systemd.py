@@ -9,6 +9,18 @@ import socket
 log = logging.getLogger(__name__)
 
 
+def watchdog_interval() -> float | None:
+    """Half of WatchdogSec (systemd's advice), when the watchdog is on for this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2e6
+    except ValueError:
+        return None
+
+
 def notify(message: str) -> bool:
     """Send one notification; False when not started by systemd or the manager is gone (never raises:
     a lost notification must not stop the daemon from enforcing or shutting down)."""

@@ -40,6 +40,7 @@ class Authorizer:
     the configured name of the local unix socket."""
 
     def __init__(self, rules: Mapping[str, frozenset[str]], local_principal: str | None) -> None:
+        # Both are replaced on reload; every call reads them afresh.
         self.rules = rules
         self.local_principal = local_principal
 
