@@ -82,6 +82,12 @@ class ChallengeSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsSection:
+    listen: str = "127.0.0.1:9109"
+    """host:port of the Prometheus endpoint (GET /metrics); empty: none."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class MqttSection:
     host: str = ""
     """Broker host; empty: no broker (events go to WatchEvents and the log only)."""
@@ -151,10 +157,12 @@ class Config:
     """[device]"""
     mqtt: MqttSection = field(default_factory=MqttSection)
     """[mqtt]"""
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    """[metrics]"""
 
 
 METHODS = {"Disconnect", "ApplyTeamPolicy", "UpsertMember", "RemoveMember", "ResetMfa", "UnlockMfa",
-           "ListSessions", "GetSession", "WatchEvents"}
+           "ListSessions", "GetSession", "WatchEvents", "GetStatus", "GetTeamPolicy"}
 
 
 def _convert(key: str, hint: Any, value: Any) -> Any:
@@ -262,6 +270,8 @@ def validate(cfg: Config) -> Config:
         _host_port(f"challenge.listen[{i}]", address)
     if not 1 <= cfg.challenge.port <= 65535:
         raise ConfigError("challenge.port", "must be a port number")
+    if cfg.metrics.listen:
+        _host_port("metrics.listen", cfg.metrics.listen)
     mq = cfg.mqtt
     if mq.host:
         if not 1 <= mq.port <= 65535:

@@ -20,6 +20,7 @@ from gatewayd.config import (
     Config,
     ControlSection,
     GatewaySection,
+    MetricsSection,
     WireGuardSection,
 )
 from gatewayd.runtime.daemon import Adapters, Daemon
@@ -122,6 +123,7 @@ def config_for(tmp: Path, ca: Authority, **auth: Any) -> Config:
             listen="127.0.0.1:0", tls_cert_file=cert, tls_key_file=pkey, client_ca_file=ca_path,
             unix_socket=tmp / "control.sock", unix_principal="local-ops",
             authorization={"controlplane.test": ["*"], "local-ops": ["*"], "reader.test": ["ListSessions"]}),
+        metrics=MetricsSection(listen="127.0.0.1:0"),
         challenge=ChallengeSection(listen=["127.0.0.1:0", "[::1]:0"]),
         auth=AuthSection(**auth),
     )

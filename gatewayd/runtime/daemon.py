@@ -27,17 +27,20 @@ from gatewayd.adapters.grpc.listeners import (
     control_server,
 )
 from gatewayd.adapters.grpc.services import ChallengeService, ControlService
+from gatewayd.adapters.metrics import serve as serve_metrics
 from gatewayd.adapters.mqtt import BrokerSettings, OutboxPublisher
 from gatewayd.adapters.rtnetlink import LinkWatcher
 from gatewayd.adapters.sqlite_store import SecretBox, Store
 from gatewayd.auth.limits import AttemptPolicy
 from gatewayd.config import Config, ConfigError, load
 from gatewayd.core.events import Event
+from gatewayd.core.model import PeerState
 from gatewayd.core.session import CoreConfig, Gateway
 from gatewayd.core.tracking import PeerSnapshot, diff
 from gatewayd.ports import Enforcer, FlowTable, PeerSource
 from gatewayd.runtime.driver import Driver
-from gatewayd.runtime.operations import DevicePolicy, Operations
+from gatewayd.runtime.observability import Metrics
+from gatewayd.runtime.operations import DevicePolicy, Operations, StatusSnapshot
 from gatewayd.runtime.systemd import notify, watchdog_interval
 from gatewayd.runtime.tasks import spawn
 
@@ -117,6 +120,12 @@ class Daemon:
         self.ready = asyncio.Event()
         self._poll_now = asyncio.Event()
         self.links: LinkWatcher | None = None
+        self.metrics = Metrics.create()
+        self.metrics_server: asyncio.Server | None = None
+        self.started_at: float | None = None
+        self.last_poll: float | None = None
+        self.outbox: tuple[int, float | None] = (0, None)  # (unpublished, oldest time), refreshed every 2 s
+        self._register_gauges()
 
     async def start(self) -> None:
         self.config.gateway.database.parent.mkdir(parents=True, exist_ok=True)
@@ -146,13 +155,66 @@ class Daemon:
         self.authorizer = Authorizer({p: frozenset(m) for p, m in c.authorization.items()}, c.unix_principal)
         await self._start_control()
         await self._start_challenge()
+        if self.config.metrics.listen:
+            host, _, port = self.config.metrics.listen.rpartition(":")
+            self.metrics_server = await serve_metrics(self.metrics.registry, host.strip("[]"), int(port))
+        self._tasks.append(spawn(self._refresh_outbox_stats(), name="outbox-stats"))
         watchdog = watchdog_interval()
         if watchdog is not None:
             self._tasks.append(spawn(self._watchdog(watchdog), name="watchdog"))
+        self.started_at = self.clock()
         self.ready.set()
         notify("READY=1\nSTATUS=enforcing")
         log.info("gatewayd %s ready: %d peers, %d quarantined prefixes", self.config.gateway.id,
                  len(self.core.peers), len(self.core.enforced_prefixes()))
+
+    def _register_gauges(self) -> None:
+        r = self.metrics.registry
+
+        def sessions() -> dict[tuple[tuple[str, str], ...], float]:
+            counts = {state.value: 0.0 for state in PeerState}
+            for peer in self.core.peers.values():
+                if peer.state is not None and peer.present:
+                    counts[peer.state.value] += 1
+            return {(("state", k),): v for k, v in counts.items()}
+
+        r.gauge("gatewayd_sessions", "Configured peers by state", sessions)
+        r.gauge("gatewayd_quarantined_prefixes", "Prefixes in the kernel's quarantine sets",
+                lambda: float(len(self.adapters.enforcer.quarantined())))
+        r.gauge("gatewayd_enforcement_healthy", "1 unless a kernel change failed and is being retried",
+                lambda: float(self.driver.enforcement_healthy))
+        r.gauge("gatewayd_outbox_unpublished", "Events not yet acknowledged by the broker",
+                lambda: float(self.outbox[0]) if self.publisher else 0.0)
+        r.gauge("gatewayd_outbox_oldest_age_seconds", "Age of the oldest event not yet acknowledged by the broker",
+                lambda: max(self.clock() - self.outbox[1], 0.0) if self.publisher and self.outbox[1] else 0.0)
+        r.gauge("gatewayd_broker_connected", "1 while connected to the MQTT broker",
+                lambda: float(bool(self.publisher and self.publisher.connected)))
+        r.gauge("gatewayd_batch_phase_seconds", "Time spent in each phase of the latest driver batch",
+                lambda: {(("phase", k),): v for k, v in self.driver.last_batch.items()})
+
+    async def _refresh_outbox_stats(self) -> None:
+        while True:
+            self.outbox = await self.store.outbox_stats()
+            await asyncio.sleep(2.0)
+
+    def status(self) -> StatusSnapshot:
+        counts = {state: 0 for state in PeerState}
+        present = 0
+        for peer in self.core.peers.values():
+            present += peer.present
+            if peer.state is not None and peer.present:
+                counts[peer.state] += 1
+        return StatusSnapshot(
+            gateway_id=self.config.gateway.id, started_at=self.started_at, interface=self.config.wireguard.interface,
+            peers_configured=present, authorized=counts[PeerState.AUTHORIZED],
+            quarantined=counts[PeerState.QUARANTINED], locked=counts[PeerState.LOCKED],
+            quarantined_prefixes=len(self.adapters.enforcer.quarantined()),
+            enforcement_healthy=self.driver.enforcement_healthy, broker_configured=self.publisher is not None,
+            broker_connected=bool(self.publisher and self.publisher.connected),
+            outbox_unpublished=self.outbox[0] if self.publisher else 0,
+            outbox_oldest_age=(max(self.clock() - self.outbox[1], 0.0)
+                               if self.publisher and self.outbox[1] else 0.0),
+            last_poll=self.last_poll, members=len(self.core.members), teams=len(self.core.teams))
 
     def _limits(self) -> ListenerLimits:
         c = self.config.control
@@ -166,13 +228,14 @@ class Daemon:
             tls = TlsFiles(cert=c.tls_cert_file, key=c.tls_key_file, client_ca=c.client_ca_file)
         if c.listen or c.unix_socket:
             self.control, self.control_port = await control_server(
-                ControlService(self.driver, self.ops), tcp=c.listen or None, tls=tls, unix_socket=c.unix_socket,
+                ControlService(self.driver, self.ops, self.metrics, self.status), tcp=c.listen or None, tls=tls,
+                unix_socket=c.unix_socket,
                 unix_mode=c.unix_socket_mode, authorizer=self.authorizer, limits=self._limits())
 
     async def _start_challenge(self) -> None:
         if self.config.challenge.listen:
             self.challenge, self.challenge_ports = await challenge_server(
-                ChallengeService(self.driver, self.ops), self.config.challenge.listen, self._limits())
+                ChallengeService(self.driver, self.ops, self.metrics), self.config.challenge.listen, self._limits())
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 only while the driver makes progress: a heartbeat job must get through it in time."""
@@ -241,9 +304,12 @@ class Daemon:
 
     async def poll_once(self) -> None:
         assert self.adapters.source is not None
+        started = time.perf_counter()
         snapshot = await self.adapters.source.read()
         events = await diff_in_slices(self.driver.snapshot, snapshot)
         self.driver.snapshot = dict(snapshot)
+        self.metrics.poll_seconds.observe(time.perf_counter() - started)
+        self.last_poll = self.clock()
         if events:
             await self.driver.submit(self.ops.feed(events))
 
@@ -263,6 +329,7 @@ class Daemon:
             try:
                 await self.poll_once()
             except (OSError, ConnectionError) as exc:
+                self.metrics.poll_errors.inc()
                 log.warning("reading %s failed: %s", self.config.wireguard.interface, exc)
 
     async def stop(self) -> None:
@@ -270,6 +337,9 @@ class Daemon:
         for server in (self.control, self.challenge):
             if server is not None:
                 await server.stop(SHUTDOWN_GRACE)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            await self.metrics_server.wait_closed()
         for task in reversed(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -83,6 +83,44 @@ class DevicePolicy:
     """Nonce lifetime in seconds."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class StatusSnapshot:
+    """The daemon's own state (GetStatus)."""
+
+    gateway_id: str
+    """Gateway id."""
+    started_at: float | None
+    """When it became ready."""
+    interface: str
+    """WireGuard interface."""
+    peers_configured: int
+    """Peers on the interface."""
+    authorized: int
+    """Authorized peers."""
+    quarantined: int
+    """Quarantined peers."""
+    locked: int
+    """Locked peers."""
+    quarantined_prefixes: int
+    """Prefixes in the kernel's quarantine sets."""
+    enforcement_healthy: bool
+    """No kernel change pending a retry."""
+    broker_configured: bool
+    """A broker is configured."""
+    broker_connected: bool
+    """Connected to it."""
+    outbox_unpublished: int
+    """Events awaiting PUBACK."""
+    outbox_oldest_age: float
+    """Age of the oldest of them."""
+    last_poll: float | None
+    """Latest read of the interface."""
+    members: int
+    """Members known."""
+    teams: int
+    """Team policies known."""
+
+
 class Operations:
     def __init__(self, attempts: limits.AttemptPolicy, device: DevicePolicy | None = None) -> None:
         self.attempts = attempts

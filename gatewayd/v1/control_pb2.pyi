@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from gatewayd.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -221,3 +224,51 @@ class WatchEventsRequest(_message.Message):
     after_cursor: int
     type_prefixes: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, after_cursor: _Optional[int] = ..., type_prefixes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GatewayStatus(_message.Message):
+    __slots__ = ("gateway_id", "version", "started_at", "interface", "peers_configured", "authorized", "quarantined", "locked", "quarantined_prefixes", "enforcement_healthy", "broker_configured", "broker_connected", "outbox_unpublished", "outbox_oldest_age_seconds", "last_poll", "members", "teams")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    PEERS_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZED_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    ENFORCEMENT_HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    BROKER_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    BROKER_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    OUTBOX_UNPUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    OUTBOX_OLDEST_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_POLL_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    TEAMS_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    version: str
+    started_at: _timestamp_pb2.Timestamp
+    interface: str
+    peers_configured: int
+    authorized: int
+    quarantined: int
+    locked: int
+    quarantined_prefixes: int
+    enforcement_healthy: bool
+    broker_configured: bool
+    broker_connected: bool
+    outbox_unpublished: int
+    outbox_oldest_age_seconds: float
+    last_poll: _timestamp_pb2.Timestamp
+    members: int
+    teams: int
+    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interface: _Optional[str] = ..., peers_configured: _Optional[int] = ..., authorized: _Optional[int] = ..., quarantined: _Optional[int] = ..., locked: _Optional[int] = ..., quarantined_prefixes: _Optional[int] = ..., enforcement_healthy: _Optional[bool] = ..., broker_configured: _Optional[bool] = ..., broker_connected: _Optional[bool] = ..., outbox_unpublished: _Optional[int] = ..., outbox_oldest_age_seconds: _Optional[float] = ..., last_poll: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., members: _Optional[int] = ..., teams: _Optional[int] = ...) -> None: ...
+
+class GetTeamPolicyRequest(_message.Message):
+    __slots__ = ("team_id",)
+    TEAM_ID_FIELD_NUMBER: _ClassVar[int]
+    team_id: str
+    def __init__(self, team_id: _Optional[str] = ...) -> None: ...

@@ -80,6 +80,16 @@ class ControlServiceStub:
                 request_serializer=gatewayd_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=gatewayd_dot_v1_dot_types__pb2.Event.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/gatewayd.v1.ControlService/GetStatus',
+                request_serializer=gatewayd_dot_v1_dot_control__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=gatewayd_dot_v1_dot_control__pb2.GatewayStatus.FromString,
+                _registered_method=True)
+        self.GetTeamPolicy = channel.unary_unary(
+                '/gatewayd.v1.ControlService/GetTeamPolicy',
+                request_serializer=gatewayd_dot_v1_dot_control__pb2.GetTeamPolicyRequest.SerializeToString,
+                response_deserializer=gatewayd_dot_v1_dot_control__pb2.TeamPolicy.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -153,6 +163,20 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """The gateway's own state: identity, sessions by state, enforcement, event delivery.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTeamPolicy(self, request, context):
+        """A team's current MFA policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +224,16 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=gatewayd_dot_v1_dot_control__pb2.WatchEventsRequest.FromString,
                     response_serializer=gatewayd_dot_v1_dot_types__pb2.Event.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=gatewayd_dot_v1_dot_control__pb2.GetStatusRequest.FromString,
+                    response_serializer=gatewayd_dot_v1_dot_control__pb2.GatewayStatus.SerializeToString,
+            ),
+            'GetTeamPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTeamPolicy,
+                    request_deserializer=gatewayd_dot_v1_dot_control__pb2.GetTeamPolicyRequest.FromString,
+                    response_serializer=gatewayd_dot_v1_dot_control__pb2.TeamPolicy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +479,60 @@ class ControlService:
             '/gatewayd.v1.ControlService/WatchEvents',
             gatewayd_dot_v1_dot_control__pb2.WatchEventsRequest.SerializeToString,
             gatewayd_dot_v1_dot_types__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gatewayd.v1.ControlService/GetStatus',
+            gatewayd_dot_v1_dot_control__pb2.GetStatusRequest.SerializeToString,
+            gatewayd_dot_v1_dot_control__pb2.GatewayStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTeamPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gatewayd.v1.ControlService/GetTeamPolicy',
+            gatewayd_dot_v1_dot_control__pb2.GetTeamPolicyRequest.SerializeToString,
+            gatewayd_dot_v1_dot_control__pb2.TeamPolicy.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,7 @@ from gatewayd.core.model import Factor, Member, Peer, PeerState, ProofKind, Role
 from gatewayd.core.session import DisconnectOutcome
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.errors import invalid
-from gatewayd.runtime.operations import ChallengeView, MemberUpdate
+from gatewayd.runtime.operations import ChallengeView, MemberUpdate, StatusSnapshot
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
 
 MAX_ID = 128
@@ -157,6 +157,34 @@ def assertion(req: challenge_pb2.SubmitDeviceAssertionRequest) -> device.Asserti
     return device.Assertion(credential_id=req.credential_id, authenticator_data=req.authenticator_data,
                             client_data_json=req.client_data_json, signature=req.signature,
                             user_handle=req.user_handle)
+
+
+_SCOPES_PB = {v: k for k, v in _SCOPES.items()}
+_ROLES_PB = {v: k for k, v in _ROLES.items()}
+
+
+def team_policy_pb(t: TeamPolicy) -> control_pb2.TeamPolicy:
+    return control_pb2.TeamPolicy(team_id=t.team_id, version=t.version, scope=_SCOPES_PB[t.scope],
+                                  roles=_ROLES_PB[t.roles], totp_prior_connection=t.totp_prior_connection,
+                                  device_prior_connection=t.device_prior_connection,
+                                  reverify_interval_seconds=int(t.reverify_interval))
+
+
+def status(s: StatusSnapshot) -> control_pb2.GatewayStatus:
+    from gatewayd import __version__
+
+    msg = control_pb2.GatewayStatus(
+        gateway_id=s.gateway_id, version=__version__, interface=s.interface, peers_configured=s.peers_configured,
+        authorized=s.authorized, quarantined=s.quarantined, locked=s.locked,
+        quarantined_prefixes=s.quarantined_prefixes, enforcement_healthy=s.enforcement_healthy,
+        broker_configured=s.broker_configured, broker_connected=s.broker_connected,
+        outbox_unpublished=s.outbox_unpublished, outbox_oldest_age_seconds=s.outbox_oldest_age,
+        members=s.members, teams=s.teams)
+    for name, value in (("started_at", s.started_at), ("last_poll", s.last_poll)):
+        ts = timestamp(value)
+        if ts is not None:
+            getattr(msg, name).CopyFrom(ts)
+    return msg
 
 
 def disconnect(req: control_pb2.DisconnectRequest) -> dict[str, str | None]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -12,24 +13,39 @@ from gatewayd.adapters.grpc import convert
 from gatewayd.auth import backup
 from gatewayd.core.model import Peer
 from gatewayd.errors import Refused, Status
-from gatewayd.runtime.driver import Driver, EventSubscription
-from gatewayd.runtime.operations import ChallengeView, Operations, ProofOutcome
+from gatewayd.runtime.driver import Driver, EventSubscription, Job
+from gatewayd.runtime.observability import Metrics
+from gatewayd.runtime.operations import ChallengeView, Operations, ProofOutcome, StatusSnapshot
 from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 
 MAX_PAGE = 1000
 
 
 class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[misc]
-    def __init__(self, driver: Driver, ops: Operations) -> None:
-        self.driver, self.ops = driver, ops
+    def __init__(self, driver: Driver, ops: Operations, metrics: Metrics,
+                 status: Callable[[], StatusSnapshot]) -> None:
+        self.driver, self.ops, self.metrics, self.status = driver, ops, metrics, status
+
+    async def GetStatus(self, request: control_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
+                        ) -> control_pb2.GatewayStatus:
+        return convert.status(self.status())
+
+    async def GetTeamPolicy(self, request: control_pb2.GetTeamPolicyRequest, context: grpc.aio.ServicerContext
+                            ) -> control_pb2.TeamPolicy:
+        team = self.driver.core.teams.get(convert.ident(request.team_id, "team_id"))
+        if team is None:
+            raise Refused(Status.NOT_FOUND, f"no policy for team {request.team_id!r}", field="team_id")
+        return convert.team_policy_pb(team)
 
     async def Disconnect(self, request: control_pb2.DisconnectRequest, context: grpc.aio.ServicerContext
                          ) -> control_pb2.DisconnectResponse:
+        started = time.perf_counter()
         args = convert.disconnect(request)
         outcome, replayed = await self.driver.submit(self.ops.disconnect(
             member_id=args["member_id"], public_key=args["public_key"], team_id=args["team_id"],
             reason=args["reason"] or "",
             idempotency_key=args["idempotency_key"] or ""))
+        self.metrics.disconnect_seconds.observe(time.perf_counter() - started)
         return convert.disconnect_response(outcome, replayed)
 
     async def ApplyTeamPolicy(self, request: control_pb2.ApplyTeamPolicyRequest,
@@ -147,8 +163,18 @@ def caller_address(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ignore[misc]
-    def __init__(self, driver: Driver, ops: Operations) -> None:
-        self.driver, self.ops = driver, ops
+    def __init__(self, driver: Driver, ops: Operations, metrics: Metrics) -> None:
+        self.driver, self.ops, self.metrics = driver, ops, metrics
+
+    async def _proof(self, factor: str, job: Job) -> challenge_pb2.ProofResult:
+        """Run a proof job and count its outcome by factor."""
+        try:
+            outcome: ProofOutcome = await self.driver.submit(job)
+        except Refused as exc:
+            self.metrics.challenge_results.inc(factor=factor, outcome=exc.status.value.lower())
+            raise
+        self.metrics.challenge_results.inc(factor=factor, outcome="accepted" if outcome.accepted else "refused")
+        return _result(outcome)
 
     def _caller(self, context: grpc.aio.ServicerContext) -> str:
         address = caller_address(context)
@@ -167,7 +193,7 @@ class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ig
         key = self._caller(context)
         if not 6 <= len(request.code) <= 8:
             raise Refused(Status.INVALID_ARGUMENT, "must be 6 or 8 ASCII digits", field="code")
-        return _result(await self.driver.submit(self.ops.submit_totp(key, request.code)))
+        return await self._proof("totp", self.ops.submit_totp(key, request.code))
 
     async def SubmitBackupCode(self, request: challenge_pb2.SubmitBackupCodeRequest,
                                context: grpc.aio.ServicerContext) -> challenge_pb2.ProofResult:
@@ -178,12 +204,12 @@ class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ig
         params = await self.driver.submit(self.ops.backup_precheck(key))
         # One KDF evaluation, off the event loop; consumption is then atomic inside the driver.
         derived = await asyncio.to_thread(backup.derive, request.code, params)
-        return _result(await self.driver.submit(self.ops.submit_backup_code(key, derived, params)))
+        return await self._proof("backup_code", self.ops.submit_backup_code(key, derived, params))
 
     async def SubmitDeviceAssertion(self, request: challenge_pb2.SubmitDeviceAssertionRequest,
                                     context: grpc.aio.ServicerContext) -> challenge_pb2.ProofResult:
         key = self._caller(context)
-        return _result(await self.driver.submit(self.ops.submit_device_assertion(key, convert.assertion(request))))
+        return await self._proof("device", self.ops.submit_device_assertion(key, convert.assertion(request)))
 
     async def WatchStatus(self, request: challenge_pb2.WatchStatusRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[challenge_pb2.Challenge]:

@@ -1,0 +1,37 @@
+"""What gatewayd measures about itself, exposed as Prometheus metrics and through GetStatus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gatewayd.adapters.metrics import Counter, Histogram, Registry
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Metrics:
+    registry: Registry
+    """All metrics, for the HTTP endpoint."""
+    challenge_results: Counter
+    """Proof submissions by factor and outcome."""
+    disconnect_seconds: Histogram
+    """Disconnect latency, call to answer."""
+    poll_seconds: Histogram
+    """Duration of one read of the WireGuard interface (read, parse, diff)."""
+    poll_errors: Counter
+    """Failed reads of the interface."""
+
+    @classmethod
+    def create(cls) -> Metrics:
+        r = Registry()
+        return cls(
+            registry=r,
+            challenge_results=r.counter("gatewayd_challenge_results_total",
+                                        "Proof submissions by factor and outcome"),
+            disconnect_seconds=r.histogram("gatewayd_disconnect_seconds",
+                                           "Disconnect latency from call to answer (enforced and committed)",
+                                           LATENCY_BUCKETS),
+            poll_seconds=r.histogram("gatewayd_poll_seconds", "Duration of one tracking poll", LATENCY_BUCKETS),
+            poll_errors=r.counter("gatewayd_poll_errors_total", "Failed reads of the WireGuard interface"),
+        )
