@@ -327,7 +327,10 @@ class Driver:
         lap("loosen")
         if not self.enforcement_healthy:
             await self.retry_reconcile()
-        self._notify(events, saves.keys())
+        # A peer's status (WatchStatus) changes with its saved state and with any event about it, such as a
+        # refused proof that costs an attempt.
+        touched = set(saves) | {e.subject.removeprefix("peer/") for e in events if e.subject.startswith("peer/")}
+        self._notify(events, touched)
         return failure
 
     async def retry_reconcile(self) -> None:

@@ -239,6 +239,9 @@ async def test_watch_status_tells_both_transitions(gw: Harness) -> None:
     await gw.local().Disconnect(control_pb2.DisconnectRequest(member_id="alice", idempotency_key="w"))
     step_up = await asyncio.wait_for(stream.read(), 5)
     assert step_up.state == types_pb2.PEER_STATE_QUARANTINED and list(step_up.owes) == [types_pb2.PROOF_KIND_OTP]
+    await gw.challenge().SubmitTotp(totp(wrong(gw)))
+    cost = await asyncio.wait_for(stream.read(), 5)  # a refused proof changes nothing but the attempts left
+    assert cost.state == types_pb2.PEER_STATE_QUARANTINED and cost.attempts_left == 9
     assert (await gw.challenge().SubmitTotp(totp(gw.code()))).accepted
     released = await asyncio.wait_for(stream.read(), 5)
     assert released.state == types_pb2.PEER_STATE_AUTHORIZED
