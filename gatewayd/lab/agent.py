@@ -41,8 +41,10 @@ def _status(msg: Any) -> dict[str, Any]:
 def _call(fn: Any, request: Any) -> dict[str, Any]:
     import grpc
 
+    started = time.perf_counter()
     try:
-        return {"ok": True, **_status(fn(request, timeout=10))}
+        answer = fn(request, timeout=10)
+        return {"ok": True, "rpc_seconds": time.perf_counter() - started, **_status(answer)}
     except grpc.RpcError as exc:
         return {"ok": False, "code": exc.code().name, "details": exc.details()}
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
@@ -215,7 +216,7 @@ class Lab:
                               capture_output=True, text=True, timeout=timeout, check=False)
 
     @staticmethod
-    def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+    def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
         """Stop one process we started, by its PID."""
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
