@@ -19,6 +19,8 @@ import struct
 import threading
 from collections.abc import Iterator, Sequence
 
+from gatewayd.adapters.netlink import attrs, messages, nla
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
@@ -32,21 +34,6 @@ CTA_TUPLE_IP = 1
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 
 Net = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def nla(kind: int, payload: bytes) -> bytes:
-    head = struct.pack("=HH", 4 + len(payload), kind)
-    return head + payload + b"\0" * (-len(payload) % 4)
-
-
-def attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
-    offset = 0
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            return
-        yield kind & ~NLA_F_NESTED, data[offset + 4: offset + length]
-        offset += (length + 3) & ~3
 
 
 def orig_addresses(tuple_orig: bytes, family: int) -> tuple[bytes | None, bytes | None]:
@@ -81,11 +68,7 @@ class Conntrack:
     @staticmethod
     def _parse(data: bytes) -> Iterator[tuple[int, int, bytes]]:
         """(netlink type, ctnetlink family, payload after nfgenmsg) of each message in a datagram."""
-        offset = 0
-        while offset + 16 <= len(data):
-            length, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, offset)
-            payload = data[offset + 16: offset + length]
-            offset += (length + 3) & ~3
+        for kind, payload in messages(data):
             family = payload[0] if kind not in (NLMSG_ERROR, NLMSG_DONE) and payload else 0
             yield kind, family, payload
 

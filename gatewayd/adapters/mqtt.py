@@ -16,46 +16,15 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import aiomqtt
 
 from gatewayd.adapters.sqlite_store import Store, StoredEvent
+from gatewayd.config import MqttSection
+
+MAX_BACKOFF = 30.0  # seconds between reconnection attempts, at most
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class BrokerSettings:
-    host: str
-    """Broker host."""
-    port: int = 1883
-    """Broker port."""
-    gateway_id: str = "gateway-1"
-    """Source of the events and topic segment."""
-    topic_prefix: str = "gatewayd"
-    """First topic level."""
-    client_id: str = ""
-    """MQTT client id; empty: gatewayd-<gateway id>."""
-    username: str = ""
-    """Username; empty: none."""
-    password_file: Path | None = None
-    """File holding the password (systemd LoadCredential)."""
-    tls: bool = False
-    """Connect with TLS."""
-    ca_file: Path | None = None
-    """CA bundle for the broker's certificate (default: system store)."""
-    cert_file: Path | None = None
-    """Client certificate (PEM) for brokers that want one."""
-    key_file: Path | None = None
-    """Client key (PEM)."""
-    in_flight: int = 64
-    """Messages awaiting PUBACK at once."""
-    keepalive: int = 30
-    """MQTT keepalive in seconds."""
-    max_backoff: float = 30.0
-    """Longest wait between reconnection attempts."""
 
 
 def cloudevent(e: StoredEvent, source: str) -> bytes:
@@ -67,19 +36,20 @@ def cloudevent(e: StoredEvent, source: str) -> bytes:
 
 
 class OutboxPublisher:
-    def __init__(self, settings: BrokerSettings, store: Store,
+    def __init__(self, settings: MqttSection, gateway_id: str, store: Store,
                  mark_published: Callable[[Sequence[int]], Awaitable[None]], wake: asyncio.Event) -> None:
         self.settings = settings
+        self.gateway_id = gateway_id
         self.store = store
         self.mark_published = mark_published
         self.wake = wake
         self.connected = False
         self.published = 0
         s = settings
-        self.status_topic = f"{s.topic_prefix}/{s.gateway_id}/status"
+        self.status_topic = f"{s.topic_prefix}/{gateway_id}/status"
 
     def topic(self, e: StoredEvent) -> str:
-        return f"{self.settings.topic_prefix}/{self.settings.gateway_id}/events/{e.type}"
+        return f"{self.settings.topic_prefix}/{self.gateway_id}/events/{e.type}"
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings
@@ -90,7 +60,7 @@ class OutboxPublisher:
                 context.load_cert_chain(str(s.cert_file), str(s.key_file))
         password = s.password_file.read_text().strip() if s.password_file else None
         client = aiomqtt.Client(
-            s.host, s.port, identifier=s.client_id or f"gatewayd-{s.gateway_id}", username=s.username or None,
+            s.host, s.port, identifier=s.client_id or f"gatewayd-{self.gateway_id}", username=s.username or None,
             password=password, keepalive=s.keepalive, tls_context=context, clean_session=True,
             max_inflight_messages=s.in_flight, timeout=10,
             will=aiomqtt.Will(self.status_topic, b"offline", qos=1, retain=True))
@@ -117,10 +87,10 @@ class OutboxPublisher:
             finally:
                 self.connected = False
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.settings.max_backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _drain(self, client: aiomqtt.Client) -> None:
-        source = self.settings.gateway_id
+        source = self.gateway_id
         while True:
             self.wake.clear()
             batch = await self.store.unpublished(self.settings.in_flight)

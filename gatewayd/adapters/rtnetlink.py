@@ -14,6 +14,8 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from gatewayd.adapters.netlink import attrs, messages
+
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 20, 21
 IFLA_IFNAME = 3
@@ -23,33 +25,19 @@ IFF_UP = 0x1
 Change = Callable[[str, dict[str, Any]], None]
 
 
-def _attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
-    offset = 0
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            return
-        yield kind & 0x3FFF, data[offset + 4: offset + length]
-        offset += (length + 3) & ~3
-
-
 def decode(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
     """(message type, fields) of each link or address message in a datagram."""
-    offset = 0
-    while offset + 16 <= len(data):
-        length, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, offset)
-        body = data[offset + 16: offset + length]
-        offset += (length + 3) & ~3
+    for kind, body in messages(data):
         if kind in (RTM_NEWLINK, RTM_DELLINK) and len(body) >= 16:
             _family, _pad, _type, index, flags, _change = struct.unpack_from("=BBHiII", body)
             fields: dict[str, Any] = {"index": index, "up": bool(flags & IFF_UP)}
-            for attr, value in _attrs(body[16:]):
+            for attr, value in attrs(body[16:]):
                 if attr == IFLA_IFNAME:
                     fields["name"] = value.split(b"\0", 1)[0].decode(errors="replace")
             yield kind, fields
         elif kind in (RTM_NEWADDR, RTM_DELADDR) and len(body) >= 8:
             family, prefixlen, _flags, _scope, index = struct.unpack_from("=BBBBI", body)
-            found: dict[int, bytes] = dict(_attrs(body[8:]))
+            found: dict[int, bytes] = dict(attrs(body[8:]))
             raw = found.get(IFA_LOCAL) or found.get(IFA_ADDRESS)
             if raw is None:
                 continue

@@ -28,7 +28,7 @@ from gatewayd.adapters.grpc.listeners import (
 )
 from gatewayd.adapters.grpc.services import ChallengeService, ControlService
 from gatewayd.adapters.metrics import serve as serve_metrics
-from gatewayd.adapters.mqtt import BrokerSettings, OutboxPublisher
+from gatewayd.adapters.mqtt import OutboxPublisher
 from gatewayd.adapters.rtnetlink import LinkWatcher
 from gatewayd.adapters.sqlite_store import SecretBox, Store
 from gatewayd.auth.limits import AttemptPolicy
@@ -106,10 +106,7 @@ class Daemon:
         m = config.mqtt
         if m.host:
             self.publisher = OutboxPublisher(
-                BrokerSettings(host=m.host, port=m.port, gateway_id=config.gateway.id, topic_prefix=m.topic_prefix,
-                               client_id=m.client_id, username=m.username, password_file=m.password_file, tls=m.tls,
-                               ca_file=m.ca_file, cert_file=m.cert_file, key_file=m.key_file, in_flight=m.in_flight,
-                               keepalive=m.keepalive),
+                m, config.gateway.id,
                 self.store, lambda cursors: self.driver.submit(self.ops.mark_published(list(cursors))),
                 self.driver.events_appended)
         self.control: grpc.aio.Server | None = None
@@ -158,7 +155,8 @@ class Daemon:
         if self.config.metrics.listen:
             host, _, port = self.config.metrics.listen.rpartition(":")
             self.metrics_server = await serve_metrics(self.metrics.registry, host.strip("[]"), int(port))
-        self._tasks.append(spawn(self._refresh_outbox_stats(), name="outbox-stats"))
+        if self.publisher is not None:
+            self._tasks.append(spawn(self._refresh_outbox_stats(), name="outbox-stats"))
         watchdog = watchdog_interval()
         if watchdog is not None:
             self._tasks.append(spawn(self._watchdog(watchdog), name="watchdog"))
