@@ -145,7 +145,14 @@ class Daemon:
             self.links = LinkWatcher(self.config.wireguard.interface, self._link_changed)
             await self.links.start()
         if self.adapters.source is not None:
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except (OSError, ConnectionError) as exc:
+                # The interface may come up later (rtnetlink tells): enforcement from the store already holds,
+                # and tunnel traffic from undecided addresses is refused meanwhile.
+                self.metrics.poll_errors.inc()
+                log.warning("first read of %s failed, retrying while running: %s",
+                            self.config.wireguard.interface, exc)
             if self.autopoll:
                 self._tasks.append(spawn(self._track(), name="tracker"))
         c = self.config.control

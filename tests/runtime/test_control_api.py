@@ -260,3 +260,17 @@ async def test_quarantine_survives_restart_and_is_reconciled(tmp_path: Path) -> 
         assert h2.daemon.core.peers[key(1)].state.value == "quarantined"  # type: ignore[union-attr]
     finally:
         await stop(h2)
+
+
+async def test_daemon_starts_while_the_interface_is_missing(tmp_path: Path) -> None:
+    from tests.fakes import MemorySource
+
+    class Missing(MemorySource):
+        async def read(self) -> dict:  # type: ignore[type-arg]
+            raise FileNotFoundError("/var/run/wireguard/wgtest.sock")
+
+    h = await start(tmp_path, Authority("ca"), source=Missing())
+    try:
+        assert h.daemon.ready.is_set() and h.enforcer.reconciles == 1
+    finally:
+        await stop(h)
