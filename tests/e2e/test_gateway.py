@@ -184,3 +184,33 @@ def test_quarantined_peer_is_released_by_a_device_proof(lab: Lab, gateway: Gatew
                    "--credential-id", auth.credential_id.hex(), "--user-handle", auth.user_handle.hex())
     assert result["nonce_bytes"] >= 32 and result["accepted"], result
     assert agent.probe(p2, f"{SERVER_IP}:5001") in ("connected", "ECONNREFUSED")
+
+
+def test_sighup_reload_keeps_the_old_config_on_a_bad_file(lab: Lab, gateway: Gateway) -> None:
+    assert gateway.proc is not None
+    original = gateway.config_path.read_text()
+
+    def reload_and_wait(kind: str) -> str:
+        assert gateway.proc is not None
+        gateway.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            stream = gateway.control().WatchEvents(control_pb2.WatchEventsRequest(after_cursor=0,
+                                                                                  type_prefixes=[kind]))
+            latest = int(dict(stream.initial_metadata()).get("gatewayd-cursor", "0"))
+            found = ""
+            for e in stream:
+                found = e.data_json
+                if e.cursor >= latest:
+                    break
+            stream.cancel()
+            if found:
+                return found
+            time.sleep(0.2)
+        raise AssertionError(f"no {kind} event")
+
+    gateway.config_path.write_text(original.replace("max_failures = 10", "max_failures = 0"))
+    assert "auth.max_failures" in reload_and_wait("config.reload_refused")
+    gateway.config_path.write_text(original.replace("max_failures = 10", "max_failures = 5"))
+    reload_and_wait("config.reloaded")
+    assert gateway.proc.poll() is None  # still running, still enforcing

@@ -52,7 +52,7 @@ async def test_notify_sequence_and_watchdog_only_while_the_driver_progresses(
     try:
         assert firsts(notify_socket.read())[:1] == ["READY=1"]
         assert h.enforcer.reconciles == 1  # READY came after the reconcile
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.8)
         pings = firsts(notify_socket.read()).count("WATCHDOG=1")
         assert pings >= 3
         # A stuck driver gets no pings.
