@@ -235,9 +235,3 @@ class NftEnforcer:
             self._run(commands)
         for kind, (add, remove) in plan.items():
             self._held[kind] = (self._held[kind] | add) - remove
-
-    def delete_table(self) -> None:
-        """Remove the table (tests and lab teardown only; the daemon never does this)."""
-        with self._lock:
-            self._nft.cmd(f"delete table {FAMILY} {self.table}")
-        self._held = {kind: set() for kind in SETS}

@@ -137,7 +137,6 @@ class Driver:
         self.last_batch: dict[str, float] = {}
         """Seconds spent in each phase of the latest batch (jobs, tighten, reset, flush, commit, loosen)."""
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
-        self._wake = asyncio.Event()
 
     async def submit(self, job: Job) -> Any:
         """Run `job` in the next batch; returns its result once its effects are enforced and committed."""
@@ -145,10 +144,6 @@ class Driver:
         await self._queue.put(_Queued(job, fut))
         # The caller may give up (deadline); the job still runs to completion in its batch.
         return await asyncio.shield(fut)
-
-    def kick(self) -> None:
-        """Re-evaluate timers now (e.g. after the clock moved in tests)."""
-        self._wake.set()
 
     async def run(self) -> None:
         while True:
@@ -167,20 +162,11 @@ class Driver:
         return wait if retry is None else min(wait, retry)
 
     async def _next(self, wait: float | None) -> _Queued | None:
-        get = asyncio.ensure_future(self._queue.get())
-        wake = asyncio.ensure_future(self._wake.wait())
+        """The next job, or None when `wait` seconds passed first (a timer is due)."""
         try:
-            done, _ = await asyncio.wait({get, wake}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            wake.cancel()
-            if not get.done():
-                get.cancel()
-        self._wake.clear()
-        if get in done:
-            return get.result()
-        if get.done() and not get.cancelled():
-            return get.result()
-        return None
+            return await asyncio.wait_for(self._queue.get(), wait)
+        except TimeoutError:
+            return None
 
     async def process(self, queued: list[_Queued]) -> None:
         started = time.perf_counter()

@@ -64,7 +64,7 @@ async def test_principal_is_never_taken_from_metadata(gw: Harness) -> None:
     assert code is grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_unix_socket_is_owner_only_by_mode(gw: Harness) -> None:
+async def test_unix_socket_has_the_configured_mode(gw: Harness) -> None:
     mode = (gw.tmp / "control.sock").stat().st_mode & 0o777
     assert mode == 0o660
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import json
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -254,8 +253,3 @@ def challenge(view: ChallengeView) -> challenge_pb2.Challenge:
         assert expires is not None
         msg.device_nonce_expires.CopyFrom(expires)
     return msg
-
-
-def event_data(e: StoredEvent) -> dict[str, object]:
-    data: dict[str, object] = json.loads(e.data_json)
-    return data
