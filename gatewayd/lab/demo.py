@@ -174,7 +174,10 @@ def main() -> int:
     def interrupted(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    # Ctrl-C and SIGTERM both end the demo through its cleanup, however it was started (a background job
+    # from a script starts with SIGINT ignored).
     signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
     lab = Lab(peers_wanted=2)
     try:
         run_demo(lab)
