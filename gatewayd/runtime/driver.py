@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gatewayd.adapters.sqlite_store import Store, StoredEvent
@@ -69,8 +69,6 @@ class Batch:
 
 
 def _with_request(event: ev.Event, rid: int) -> ev.Event:
-    from dataclasses import replace
-
     return replace(event, request_id=rid)
 
 

@@ -75,7 +75,7 @@ async def test_gatewayctl_tells_the_story(gw: Harness) -> None:
     assert code == 0 and out.count("disconnect.executed") == 1
 
 
-async def test_gatewayctl_errors_are_clear(gw: Harness, tmp_path: object) -> None:
+async def test_gatewayctl_errors_are_clear(gw: Harness) -> None:
     code, _, err = await ctl(gw, "session", key(42))
     assert code == 1 and err.startswith("gatewayctl: NOT_FOUND: ")
     code, _, err = await ctl(gw, "policy", "nobody")
