@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,17 +27,21 @@ def free_port() -> int:
 
 
 class Broker:
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
+    """mosquitto drops to its own user when started as root, so its directory (persistence database, log) lives
+    in a fresh directory under the system temp dir, which that user can reach; pytest's tmp_path (mode 0700) it
+    cannot, and a broker that cannot save its state would lose the test subscriber's session on restart."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="gatewayd-test-mosquitto-"))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        directory.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o755)
         with contextlib.suppress(KeyError):
             user = pwd.getpwnam("mosquitto")
-            shutil.chown(directory, user.pw_uid, user.pw_gid)
-        (directory / "mosquitto.conf").write_text(
+            shutil.chown(self.dir, user.pw_uid, user.pw_gid)
+        (self.dir / "mosquitto.conf").write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {directory}/\nlog_dest file {directory}/mosquitto.log\n")
+            f"persistence_location {self.dir}/\nlog_dest file {self.dir}/mosquitto.log\n")
 
     def start(self) -> None:
         self.proc = subprocess.Popen(["mosquitto", "-c", str(self.dir / "mosquitto.conf")],
@@ -51,10 +56,12 @@ class Broker:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """Stop by PID; mosquitto saves its persistent state on SIGTERM."""
+        """Stop by PID; mosquitto saves its persistent state (sessions, queued messages) on SIGTERM."""
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
             self.proc.wait(10)
+            if not (self.dir / "mosquitto.db").exists():
+                raise RuntimeError(f"mosquitto saved no state in {self.dir}; a restart would lose sessions")
         self.proc = None
 
     def pause(self) -> None:
@@ -107,13 +114,16 @@ class Subscriber:
 
 
 @contextlib.asynccontextmanager
-async def broker(directory: Path) -> AsyncIterator[Broker]:
-    b = Broker(directory)
-    b.start()
+async def broker() -> AsyncIterator[Broker]:
+    b = Broker()
     try:
+        b.start()
         yield b
     finally:
         if b.proc is not None and b.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(b.proc.pid, signal.SIGCONT)
-        b.stop()
+        try:
+            b.stop()
+        finally:
+            shutil.rmtree(b.dir, ignore_errors=True)

@@ -29,7 +29,7 @@ def events(messages: list[tuple[str, bytes, bool]], type_: str) -> list[dict[str
 
 
 async def test_cloudevents_on_topics_and_retained_status(tmp_path: Path) -> None:
-    async with broker(tmp_path / "broker") as b, Subscriber(b, "gatewayd/gw-test/#") as sub:
+    async with broker() as b, Subscriber(b, "gatewayd/gw-test/#") as sub:
         h = await daemon(tmp_path, Authority("ca"), b)
         try:
             await sub.wait_for(lambda ms: any(t.endswith("/status") and p == b"online" for t, p, _ in ms))
@@ -46,7 +46,7 @@ async def test_cloudevents_on_topics_and_retained_status(tmp_path: Path) -> None
 
 
 async def test_broker_outage_during_100_changes_loses_nothing(tmp_path: Path) -> None:
-    async with broker(tmp_path / "broker") as b, Subscriber(b, "gatewayd/gw-test/events/#") as sub:
+    async with broker() as b, Subscriber(b, "gatewayd/gw-test/events/#") as sub:
         h = await daemon(tmp_path, Authority("ca"), b)
         try:
             await h.enroll("alice", ())
@@ -67,7 +67,7 @@ async def test_broker_outage_during_100_changes_loses_nothing(tmp_path: Path) ->
 
 async def test_daemon_stopped_before_puback_redelivers_with_the_same_id(tmp_path: Path) -> None:
     ca = Authority("ca")
-    async with broker(tmp_path / "broker") as b, Subscriber(b, "gatewayd/gw-test/events/#") as sub:
+    async with broker() as b, Subscriber(b, "gatewayd/gw-test/events/#") as sub:
         h = await daemon(tmp_path, ca, b)
         config, source = h.daemon.config, h.source
         try:
