@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+from pathlib import Path
+from typing import Any
 
 import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
@@ -44,6 +46,52 @@ def test_reset_request_restores_the_configuration() -> None:
                  "replace_allowed_ips=true", "allowed_ip=10.0.0.2/32"):
         assert line in text.splitlines()
     assert text.endswith("\n\n")
+
+
+def _answer(handshake: int, tx: int, rx: int, allowed: str = "10.0.0.2/32") -> str:
+    return (f"private_key={'11' * 32}\nlisten_port=51820\n"
+            f"public_key={'44' * 32}\npreshared_key={'00' * 32}\nprotocol_version=1\nendpoint=198.18.1.2:4000\n"
+            f"last_handshake_time_sec={handshake}\nlast_handshake_time_nsec=0\ntx_bytes={tx}\nrx_bytes={rx}\n"
+            f"persistent_keepalive_interval=25\nallowed_ip={allowed}\n"
+            f"public_key={'55' * 32}\npreshared_key={'00' * 32}\nprotocol_version=1\n"
+            "last_handshake_time_sec=0\nlast_handshake_time_nsec=0\ntx_bytes=0\nrx_bytes=0\n"
+            "persistent_keepalive_interval=0\nallowed_ip=10.0.0.3/32\nerrno=0\n\n")
+
+
+async def test_uapi_reader_reuses_what_did_not_change(tmp_path: Path) -> None:
+    """Against a UAPI socket that writes its answers in 7-byte pieces (the terminating empty line split too):
+    each read equals a full parse of the answer, whatever changed between reads."""
+    answers = [_answer(1700000000, 10, 20), _answer(1700000000, 10, 20), _answer(1700000000, 15, 90),
+               _answer(1700000130, 16, 95), _answer(1700000130, 17, 99, allowed="10.0.0.9/32")]
+    pending = list(answers)
+    handlers: list[asyncio.Task[Any] | None] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())
+        assert await reader.readuntil(b"\n\n") == b"get=1\n\n"
+        data = pending.pop(0).encode()
+        for i in range(0, len(data), 7):
+            writer.write(data[i:i + 7])
+            await writer.drain()
+        await reader.read()  # the client closes
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_unix_server(serve, path=str(tmp_path / "wg0.sock"))
+    try:
+        source = UapiWireGuard(tmp_path / "wg0.sock")
+        reads = [await source.read() for _ in answers]
+    finally:
+        server.close()
+        await asyncio.gather(*(t for t in handlers if t is not None))
+    key, idle = base64.b64encode(b"\x44" * 32).decode(), base64.b64encode(b"\x55" * 32).decode()
+    for got, text in zip(reads, answers, strict=True):
+        assert got == parse_get(text)
+    assert reads[1][key] is reads[0][key]  # unchanged: not parsed again
+    assert (reads[2][key].rx_bytes, reads[2][key].tx_bytes) == (90, 15)  # counters only
+    assert reads[3][key].last_handshake == 1700000130  # a handshake as well as counters
+    assert reads[4][key].allowed_ips == ("10.0.0.9/32",)  # configuration as well as counters
+    assert all(r[idle] is reads[0][idle] for r in reads)
 
 
 def test_kernel_device_messages_decode() -> None:
@@ -95,6 +143,15 @@ async def test_uapi_reads_and_resets_a_real_wireguard_go() -> None:
         assert after.preshared_key == b"\x05" * 32
         # The keys were dropped: the next exchange needs (and gets) a fresh handshake.
         assert lab.wait_handshake(peer, after=first, timeout=10) > first
+        # Traffic moves the byte counters; the rest of the peer stays as it was read.
+        before = (await source.read())[peer.public_key]
+        for _ in range(3):
+            lab.nudge(peer)
+        await asyncio.sleep(0.2)
+        busy = (await source.read())[peer.public_key]
+        assert busy.rx_bytes > before.rx_bytes
+        assert (busy.allowed_ips, busy.endpoint, busy.last_handshake) == (
+            before.allowed_ips, before.endpoint, before.last_handshake)
 
 
 @pytest.mark.kernel

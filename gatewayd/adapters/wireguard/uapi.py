@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import ipaddress
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 from gatewayd.core.tracking import PeerSnapshot
 
-# ~325 bytes per peer: the reader's buffer must hold far more than asyncio's 64 KiB default.
-READ_LIMIT = 64 * 1024 * 1024
+# An answer takes ~330 bytes per peer (3.3 MB for 10,000): read it in large pieces.
+RECV_SIZE = 1024 * 1024
 ZERO_KEY = "0" * 64
 PEERS_PER_SLICE = 500
 
@@ -113,41 +114,52 @@ def reset_request(peers: Sequence[PeerSnapshot]) -> str:
 class UapiWireGuard:
     def __init__(self, socket_path: Path) -> None:
         self.path = socket_path
-        # The raw text of each peer's block at the last read, and what it parsed to: an idle peer's block does
-        # not change between polls, so it costs one string comparison instead of a parse.
-        self._cache: dict[str, tuple[str, PeerSnapshot]] = {}
+        # Per peer (hex key): its block at the last read, what it parsed to, and where its byte counters sit in
+        # the block. An idle peer's block does not change between polls (one string comparison); a busy peer's
+        # usually changes only in its counters (two integers parsed, the rest compared).
+        self._cache: dict[str, tuple[str, PeerSnapshot, int, int]] = {}
 
     async def _exchange(self, request: str) -> str:
-        reader, writer = await asyncio.open_unix_connection(self.path, limit=READ_LIMIT)
-        try:
-            writer.write(request.encode())
-            await writer.drain()
-            data = await reader.readuntil(b"\n\n")
-        except asyncio.IncompleteReadError as exc:
-            raise UapiError(f"{self.path}: connection closed mid-answer") from exc
-        finally:
-            writer.close()
-        return data.decode()
+        """One request on a fresh connection; the answer ends with an empty line. Read in large chunks straight
+        from the socket: wireguard-go holds its configuration lock until the whole answer is written."""
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, str(self.path))
+            await loop.sock_sendall(sock, request.encode())
+            chunks: list[bytes] = []
+            tail = b""
+            while True:
+                chunk = await loop.sock_recv(sock, RECV_SIZE)
+                if not chunk:
+                    raise UapiError(f"{self.path}: connection closed mid-answer")
+                chunks.append(chunk)
+                tail = (tail + chunk)[-2:]
+                if tail == b"\n\n":
+                    break
+        return b"".join(chunks).decode()
 
     async def read(self) -> dict[str, PeerSnapshot]:
         text = await self._exchange("get=1\n\n")
-        head, _, tail = text.rpartition("errno=")
-        if tail.strip() and int(tail.split("\n", 1)[0]) != 0:
-            raise UapiError(f"UAPI get failed with {tail.strip()}")
+        body, _, status = text.rpartition("errno=")
+        if status.strip() != "0":
+            raise UapiError(f"UAPI get failed with errno={status.strip()}")
+        # Device lines come first, then one block per peer starting with its public key.
+        blocks = ("\n" + body).split("\npublic_key=")
         peers: dict[str, PeerSnapshot] = {}
-        cache: dict[str, tuple[str, PeerSnapshot]] = {}
-        marker = "public_key="
-        start = head.find(marker)
-        count = 0
-        while start != -1:
-            end = head.find("\n" + marker, start)
-            block = head[start + len(marker): end if end != -1 else len(head)].rstrip("\n")
-            start = end + 1 if end != -1 else -1
-            cached = self._cache.get(block[:64])
-            snap = cached[1] if cached is not None and cached[0] == block else parse_peer(block)
-            cache[block[:64]] = (block, snap)
+        old, cache = self._cache, {}
+        for count, block in enumerate(blocks[1:], 1):
+            if block.endswith("\n"):
+                block = block.rstrip("\n")
+            key = block[:64]
+            cached = old.get(key)
+            if cached is not None and cached[0] == block:
+                entry = cached
+            else:
+                entry = _decode(block, cached)
+            cache[key] = entry
+            snap = entry[1]
             peers[snap.public_key] = snap
-            count += 1
             if count % PEERS_PER_SLICE == 0:
                 await asyncio.sleep(0)  # let a Disconnect run between slices
         self._cache = cache
@@ -157,3 +169,23 @@ class UapiWireGuard:
         answer = await self._exchange(reset_request(peers))
         if answer.strip() != "errno=0":
             raise UapiError(f"UAPI set failed: {answer.strip()}")
+
+
+def _counters(block: str) -> tuple[int, int]:
+    """Where the byte counter lines sit in a peer block (wireguard-go prints them together), or (-1, -1)."""
+    start = block.find("\ntx_bytes=")
+    if start == -1 or not block.startswith("\nrx_bytes=", block.find("\n", start + 1)):
+        return -1, -1
+    end = block.find("\n", block.find("\n", start + 1) + 1)
+    return start, end if end != -1 else len(block)
+
+
+def _decode(block: str, cached: tuple[str, PeerSnapshot, int, int] | None) -> tuple[str, PeerSnapshot, int, int]:
+    start, end = _counters(block)
+    if cached is not None and start != -1 and cached[2] != -1:
+        old_block, old_snap, old_start, old_end = cached
+        if block[:start] == old_block[:old_start] and block[end:] == old_block[old_end:]:
+            tx_line, _, rx_line = block[start + 1:end].partition("\n")
+            tx, rx = int(tx_line[len("tx_bytes="):]), int(rx_line[len("rx_bytes="):])
+            return block, old_snap.with_counters(rx, tx), start, end
+    return block, parse_peer(block), start, end
