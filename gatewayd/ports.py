@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,11 +48,20 @@ class Enforcer(Protocol):
         ...
 
 
+Pause = Callable[[], Awaitable[None]]
+"""Awaited by long work between its slices, so that more urgent work (a Disconnect) goes first."""
+
+
+async def no_pause() -> None:
+    await asyncio.sleep(0)
+
+
 class PeerSource(Protocol):
     """A WireGuard interface's peers."""
 
-    async def read(self) -> Snapshot:
-        """The interface's peers now."""
+    async def read(self, pause: Pause = no_pause) -> Snapshot:
+        """The interface's peers now. `pause` is awaited before the interface is asked (a userspace
+        implementation's configuration lock is held while it answers) and between slices of decoding."""
         ...
 
     async def reset_sessions(self, peers: Sequence[PeerSnapshot]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.ports import SetChange
+from gatewayd.ports import Pause, SetChange, no_pause
 
 
 class MemoryEnforcer:
@@ -42,12 +42,15 @@ class MemorySource:
     def __init__(self) -> None:
         self.peers: dict[str, PeerSnapshot] = {}
         self.resets: list[str] = []
+        self.reads = 0
 
     def add(self, key: str, *ips: str, handshake: float | None = None) -> None:
         self.peers[key] = PeerSnapshot(public_key=key, endpoint="192.0.2.1:51820", allowed_ips=tuple(ips),
                                        last_handshake=handshake, rx_bytes=0, tx_bytes=0, keepalive=25)
 
-    async def read(self) -> dict[str, PeerSnapshot]:
+    async def read(self, pause: Pause = no_pause) -> dict[str, PeerSnapshot]:
+        await pause()
+        self.reads += 1
         return dict(self.peers)
 
     async def reset_sessions(self, peers: Sequence[PeerSnapshot]) -> None:

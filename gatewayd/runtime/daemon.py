@@ -37,7 +37,7 @@ from gatewayd.core.events import Event
 from gatewayd.core.model import PeerState
 from gatewayd.core.session import CoreConfig, Gateway
 from gatewayd.core.tracking import PeerSnapshot, diff
-from gatewayd.ports import Enforcer, FlowTable, PeerSource
+from gatewayd.ports import Enforcer, FlowTable, Pause, PeerSource
 from gatewayd.runtime.driver import Driver
 from gatewayd.runtime.observability import Metrics
 from gatewayd.runtime.operations import DevicePolicy, Operations, StatusSnapshot
@@ -73,14 +73,14 @@ def kernel_adapters(config: Config) -> Adapters:
     )
 
 
-async def diff_in_slices(old: Mapping[str, PeerSnapshot], new: Mapping[str, PeerSnapshot], size: int = 2000
-                         ) -> list[Event]:
-    """`diff`, a slice of peers at a time, yielding to the loop in between (10,000 peers take ~10 ms)."""
+async def diff_in_slices(old: Mapping[str, PeerSnapshot], new: Mapping[str, PeerSnapshot], pause: Pause,
+                         size: int = 500) -> list[Event]:
+    """`diff`, a slice of peers at a time, awaiting `pause` in between (10,000 peers take ~10 ms)."""
     keys = sorted(old.keys() | new.keys())
     events: list[Event] = []
     for i in range(0, len(keys), size):
         events += diff(old, new, keys[i:i + size])
-        await asyncio.sleep(0)
+        await pause()
     return events
 
 
@@ -310,8 +310,9 @@ class Daemon:
     async def poll_once(self) -> None:
         assert self.adapters.source is not None
         started = time.perf_counter()
-        snapshot = await self.adapters.source.read()
-        events = await diff_in_slices(self.driver.snapshot, snapshot)
+        # The poll gives way to the driver: a Disconnect waits behind at most one slice of it.
+        snapshot = await self.adapters.source.read(self.driver.idle)
+        events = await diff_in_slices(self.driver.snapshot, snapshot, self.driver.idle)
         self.driver.snapshot = dict(snapshot)
         self.metrics.poll_seconds.observe(time.perf_counter() - started)
         self.last_poll = self.clock()

@@ -135,10 +135,13 @@ class Driver:
         self.last_batch: dict[str, float] = {}
         """Seconds spent in each phase of the latest batch (jobs, tighten, reset, flush, commit, loosen)."""
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def submit(self, job: Job) -> Any:
         """Run `job` in the next batch; returns its result once its effects are enforced and committed."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._idle.clear()
         await self._queue.put(_Queued(job, fut))
         # The caller may give up (deadline); the job still runs to completion in its batch.
         return await asyncio.shield(fut)
@@ -149,7 +152,19 @@ class Driver:
             batch = [first] if first else []
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self.process(batch)
+            self._idle.clear()
+            try:
+                await self.process(batch)
+            finally:
+                if self._queue.empty():
+                    self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no job is queued or running (at once if none is). Background work that competes with
+        the jobs for the event loop or for WireGuard's configuration lock (a poll) awaits this between its
+        slices, so a Disconnect never waits behind more than one slice of it."""
+        await asyncio.sleep(0)
+        await self._idle.wait()
 
     def _timeout(self) -> float | None:
         deadline = self.core.next_deadline()

@@ -11,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from gatewayd.ports import Pause, no_pause
 from gatewayd.v1 import control_pb2, types_pb2
 from tests.harness import SECRET, Harness, gw, key, start, stop
 from tests.pki import Authority
@@ -266,7 +267,7 @@ async def test_daemon_starts_while_the_interface_is_missing(tmp_path: Path) -> N
     from tests.fakes import MemorySource
 
     class Missing(MemorySource):
-        async def read(self) -> dict:  # type: ignore[type-arg]
+        async def read(self, pause: Pause = no_pause) -> dict:  # type: ignore[type-arg]
             raise FileNotFoundError("/var/run/wireguard/wgtest.sock")
 
     h = await start(tmp_path, Authority("ca"), source=Missing())

@@ -24,3 +24,30 @@ async def test_disconnect_then_totp_releases(gw: Harness) -> None:
     r = await ch.SubmitTotp(challenge_pb2.SubmitTotpRequest(code=gw.code()))
     assert r.accepted
     assert "127.0.0.1/32" not in gw.enforcer.held
+
+
+async def test_a_poll_gives_way_to_the_driver(gw: Harness) -> None:
+    """A poll neither asks WireGuard nor decodes while a job is queued or running: a Disconnect never waits
+    behind it for more than one slice."""
+    import asyncio
+
+    from gatewayd.runtime.driver import Batch
+
+    gw.source.add(key(1), "127.0.0.1/32", handshake=gw.clock() - 5)
+    await gw.enroll("alice", (key(1),))
+    await gw.poll()
+    release = asyncio.Event()
+
+    async def busy(b: Batch) -> None:
+        await release.wait()
+
+    job = asyncio.ensure_future(gw.daemon.driver.submit(busy))
+    gw.source.add(key(2), "127.0.0.2/32", handshake=gw.clock() - 1)
+    reads = gw.source.reads
+    poll = asyncio.ensure_future(gw.poll())
+    await asyncio.sleep(0.2)
+    assert not poll.done() and gw.source.reads == reads  # waiting: WireGuard was not even asked
+    release.set()
+    await job
+    await asyncio.wait_for(poll, 5)
+    assert key(2) in gw.daemon.driver.snapshot and key(2) in gw.daemon.core.peers

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gatewayd.core.tracking import PeerSnapshot
+from gatewayd.ports import Pause, no_pause
 
 
 def _family_exists() -> bool:
@@ -84,7 +85,8 @@ class KernelWireGuard:
         with WireGuard() as wg:
             return decode_device(wg.info(self.interface))
 
-    async def read(self) -> dict[str, PeerSnapshot]:
+    async def read(self, pause: Pause = no_pause) -> dict[str, PeerSnapshot]:
+        await pause()  # the dump itself runs in a worker thread, in chunks the kernel locks one at a time
         return await asyncio.to_thread(self._read)
 
     def _reset(self, peers: Sequence[PeerSnapshot]) -> None:

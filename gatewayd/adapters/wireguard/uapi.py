@@ -11,15 +11,16 @@ import asyncio
 import base64
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from gatewayd.core.tracking import PeerSnapshot
+from gatewayd.ports import Pause, no_pause
 
 # An answer takes ~330 bytes per peer (3.3 MB for 10,000): read it in large pieces.
 RECV_SIZE = 1024 * 1024
 ZERO_KEY = "0" * 64
-PEERS_PER_SLICE = 500
+PEERS_PER_SLICE = 100
 
 
 class UapiError(OSError):
@@ -115,53 +116,61 @@ class UapiWireGuard:
     def __init__(self, socket_path: Path) -> None:
         self.path = socket_path
         # Per peer (hex key): its block at the last read, what it parsed to, and where its byte counters sit in
-        # the block. An idle peer's block does not change between polls (one string comparison); a busy peer's
-        # usually changes only in its counters (two integers parsed, the rest compared).
-        self._cache: dict[str, tuple[str, PeerSnapshot, int, int]] = {}
+        # the block. An idle peer's block does not change between polls (one comparison); a busy peer's usually
+        # changes only in its counters (two integers parsed, the rest compared).
+        self._cache: dict[bytes, tuple[bytes, PeerSnapshot, int, int]] = {}
 
     async def _exchange(self, request: str) -> str:
-        """One request on a fresh connection; the answer ends with an empty line. Read in large chunks straight
-        from the socket: wireguard-go holds its configuration lock until the whole answer is written."""
+        """One request on a fresh connection; the answer ends with an empty line."""
+        chunks: list[bytes] = []
+        async for chunk in self._ask(request.encode()):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    async def _ask(self, request: bytes) -> AsyncIterator[bytes]:
+        """Send one request; yield the answer as it arrives, in large pieces, up to its empty line."""
         loop = asyncio.get_running_loop()
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.setblocking(False)
             await loop.sock_connect(sock, str(self.path))
-            await loop.sock_sendall(sock, request.encode())
-            chunks: list[bytes] = []
+            await loop.sock_sendall(sock, request)
             tail = b""
-            while True:
+            while tail != b"\n\n":
                 chunk = await loop.sock_recv(sock, RECV_SIZE)
                 if not chunk:
                     raise UapiError(f"{self.path}: connection closed mid-answer")
-                chunks.append(chunk)
                 tail = (tail + chunk)[-2:]
-                if tail == b"\n\n":
-                    break
-        return b"".join(chunks).decode()
+                yield chunk
 
-    async def read(self) -> dict[str, PeerSnapshot]:
-        text = await self._exchange("get=1\n\n")
-        body, _, status = text.rpartition("errno=")
-        if status.strip() != "0":
-            raise UapiError(f"UAPI get failed with errno={status.strip()}")
-        # Device lines come first, then one block per peer starting with its public key.
-        blocks = ("\n" + body).split("\npublic_key=")
+    async def _peer_blocks(self) -> list[bytes]:
+        """A "get=1" answer split into peer blocks (each starting with the hex key) while it arrives.
+        wireguard-go holds its configuration lock until it has written the whole answer, so this never pauses."""
+        blocks: list[bytes] = []
+        rest = b"\n"  # the device lines come first; a peer block starts after "\npublic_key="
+        async for chunk in self._ask(b"get=1\n\n"):
+            parts = (rest + chunk).split(b"\npublic_key=")
+            rest = parts.pop()
+            blocks += parts
+        body, _, status = rest.rpartition(b"errno=")
+        if status.strip() != b"0":
+            raise UapiError(f"UAPI get failed with errno={status.strip().decode(errors='replace')}")
+        blocks.append(body.rstrip(b"\n"))
+        return blocks[1:]
+
+    async def read(self, pause: Pause = no_pause) -> dict[str, PeerSnapshot]:
+        await pause()
+        blocks = await self._peer_blocks()
         peers: dict[str, PeerSnapshot] = {}
         old, cache = self._cache, {}
-        for count, block in enumerate(blocks[1:], 1):
-            if block.endswith("\n"):
-                block = block.rstrip("\n")
+        for count, block in enumerate(blocks, 1):
             key = block[:64]
             cached = old.get(key)
-            if cached is not None and cached[0] == block:
-                entry = cached
-            else:
-                entry = _decode(block, cached)
+            entry = cached if cached is not None and cached[0] == block else _decode(block, cached)
             cache[key] = entry
             snap = entry[1]
             peers[snap.public_key] = snap
             if count % PEERS_PER_SLICE == 0:
-                await asyncio.sleep(0)  # let a Disconnect run between slices
+                await pause()
         self._cache = cache
         return peers
 
@@ -171,21 +180,22 @@ class UapiWireGuard:
             raise UapiError(f"UAPI set failed: {answer.strip()}")
 
 
-def _counters(block: str) -> tuple[int, int]:
+def _counters(block: bytes) -> tuple[int, int]:
     """Where the byte counter lines sit in a peer block (wireguard-go prints them together), or (-1, -1)."""
-    start = block.find("\ntx_bytes=")
-    if start == -1 or not block.startswith("\nrx_bytes=", block.find("\n", start + 1)):
+    start = block.find(b"\ntx_bytes=")
+    if start == -1 or not block.startswith(b"\nrx_bytes=", block.find(b"\n", start + 1)):
         return -1, -1
-    end = block.find("\n", block.find("\n", start + 1) + 1)
+    end = block.find(b"\n", block.find(b"\n", start + 1) + 1)
     return start, end if end != -1 else len(block)
 
 
-def _decode(block: str, cached: tuple[str, PeerSnapshot, int, int] | None) -> tuple[str, PeerSnapshot, int, int]:
+def _decode(block: bytes, cached: tuple[bytes, PeerSnapshot, int, int] | None
+            ) -> tuple[bytes, PeerSnapshot, int, int]:
     start, end = _counters(block)
     if cached is not None and start != -1 and cached[2] != -1:
         old_block, old_snap, old_start, old_end = cached
         if block[:start] == old_block[:old_start] and block[end:] == old_block[old_end:]:
-            tx_line, _, rx_line = block[start + 1:end].partition("\n")
-            tx, rx = int(tx_line[len("tx_bytes="):]), int(rx_line[len("rx_bytes="):])
+            tx_line, _, rx_line = block[start + 1:end].partition(b"\n")
+            tx, rx = int(tx_line[len(b"tx_bytes="):]), int(rx_line[len(b"rx_bytes="):])
             return block, old_snap.with_counters(rx, tx), start, end
-    return block, parse_peer(block), start, end
+    return block, parse_peer(block.decode()), start, end
