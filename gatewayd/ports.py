@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
 from gatewayd.core.tracking import PeerSnapshot, Snapshot
+from gatewayd.scheduling import Pause, no_pause
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,14 +46,6 @@ class Enforcer(Protocol):
     def tracked(self) -> AbstractSet[str]:
         """The tracked prefixes, as last written (a read-only view)."""
         ...
-
-
-Pause = Callable[[], Awaitable[None]]
-"""Awaited by long work between its slices, so that more urgent work (a Disconnect) goes first."""
-
-
-async def no_pause() -> None:
-    await asyncio.sleep(0)
 
 
 class PeerSource(Protocol):

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.ports import Pause, SetChange, no_pause
+from gatewayd.ports import SetChange
+from gatewayd.scheduling import Pause, no_pause
 
 
 class MemoryEnforcer:

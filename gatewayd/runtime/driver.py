@@ -37,6 +37,7 @@ from gatewayd.core.session import Gateway
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.errors import EnforcementFailed, Refused
 from gatewayd.ports import Enforcer, FlowTable, PeerSource, SetChange
+from gatewayd.scheduling import Foreground
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +136,16 @@ class Driver:
         self.last_batch: dict[str, float] = {}
         """Seconds spent in each phase of the latest batch (jobs, tighten, reset, flush, commit, loosen)."""
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.foreground = Foreground()
+        """Submitted jobs (and the RPC listeners' calls) are foreground work; polls give way to them."""
 
     async def submit(self, job: Job) -> Any:
         """Run `job` in the next batch; returns its result once its effects are enforced and committed."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._idle.clear()
-        await self._queue.put(_Queued(job, fut))
-        # The caller may give up (deadline); the job still runs to completion in its batch.
-        return await asyncio.shield(fut)
+        with self.foreground.running():
+            await self._queue.put(_Queued(job, fut))
+            # The caller may give up (deadline); the job still runs to completion in its batch.
+            return await asyncio.shield(fut)
 
     async def run(self) -> None:
         while True:
@@ -152,19 +153,7 @@ class Driver:
             batch = [first] if first else []
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            self._idle.clear()
-            try:
-                await self.process(batch)
-            finally:
-                if self._queue.empty():
-                    self._idle.set()
-
-    async def idle(self) -> None:
-        """Return once no job is queued or running (at once if none is). Background work that competes with
-        the jobs for the event loop or for WireGuard's configuration lock (a poll) awaits this between its
-        slices, so a Disconnect never waits behind more than one slice of it."""
-        await asyncio.sleep(0)
-        await self._idle.wait()
+            await self.process(batch)
 
     def _timeout(self) -> float | None:
         deadline = self.core.next_deadline()

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from gatewayd.ports import Pause, no_pause
+from gatewayd.scheduling import Pause, no_pause
 from gatewayd.v1 import control_pb2, types_pb2
 from tests.harness import SECRET, Harness, gw, key, start, stop
 from tests.pki import Authority

@@ -7,6 +7,7 @@ deadline cap, and translation of refusals into precise statuses. Health and refl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -20,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gatewayd.errors import EnforcementFailed, Refused, Status
+from gatewayd.scheduling import Foreground
 from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,9 @@ _STATUS = {s: getattr(grpc.StatusCode, s.value) for s in Status}
 
 
 def guarded(method: Callable[..., Any], name: str, limits: ListenerLimits,
-            authorizer: Authorizer | None) -> Callable[..., Any]:
-    """Wrap a servicer method (unary or server-streaming) with authorization, deadline cap and errors."""
+            authorizer: Authorizer | None, foreground: Foreground | None = None) -> Callable[..., Any]:
+    """Wrap a servicer method (unary or server-streaming) with authorization, deadline cap and errors.
+    A unary call is foreground work while it is served (streams are long-lived: they are not)."""
 
     async def check(context: grpc.aio.ServicerContext) -> None:
         if authorizer is not None and not authorizer.allowed(context, name):
@@ -99,18 +102,20 @@ def guarded(method: Callable[..., Any], name: str, limits: ListenerLimits,
 
     @functools.wraps(method)
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await check(context)
-        try:
-            async with asyncio.timeout(budget(context)):
-                return await method(request, context)
-        except (Refused, EnforcementFailed, TimeoutError) as exc:
-            await fail(context, exc)
+        with foreground.running() if foreground is not None else contextlib.nullcontext():
+            await check(context)
+            try:
+                async with asyncio.timeout(budget(context)):
+                    return await method(request, context)
+            except (Refused, EnforcementFailed, TimeoutError) as exc:
+                await fail(context, exc)
     return unary
 
 
-def _guard_all(servicer: Any, service: Any, limits: ListenerLimits, authorizer: Authorizer | None) -> None:
+def _guard_all(servicer: Any, service: Any, limits: ListenerLimits, authorizer: Authorizer | None,
+               foreground: Foreground | None) -> None:
     for name in service.methods_by_name:
-        setattr(servicer, name, guarded(getattr(servicer, name), name, limits, authorizer))
+        setattr(servicer, name, guarded(getattr(servicer, name), name, limits, authorizer, foreground))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,10 +137,11 @@ def _server(limits: ListenerLimits) -> grpc.aio.Server:
 
 async def control_server(servicer: control_pb2_grpc.ControlServiceServicer, *, tcp: str | None,
                          tls: TlsFiles | None, unix_socket: Path | None, unix_mode: int,
-                         authorizer: Authorizer, limits: ListenerLimits) -> tuple[grpc.aio.Server, int | None]:
+                         authorizer: Authorizer, limits: ListenerLimits, foreground: Foreground | None = None
+                         ) -> tuple[grpc.aio.Server, int | None]:
     """One server bound to the mTLS TCP address and/or the unix socket; returns it started, and the TCP port."""
     server = _server(limits)
-    _guard_all(servicer, control_pb2.DESCRIPTOR.services_by_name["ControlService"], limits, authorizer)
+    _guard_all(servicer, control_pb2.DESCRIPTOR.services_by_name["ControlService"], limits, authorizer, foreground)
     control_pb2_grpc.add_ControlServiceServicer_to_server(servicer, server)
     name = control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name
     await _health(server, [name])
@@ -161,10 +167,11 @@ async def control_server(servicer: control_pb2_grpc.ControlServiceServicer, *, t
 
 
 async def challenge_server(servicer: challenge_pb2_grpc.ChallengeServiceServicer, addresses: list[str],
-                           limits: ListenerLimits) -> tuple[grpc.aio.Server, list[int]]:
+                           limits: ListenerLimits, foreground: Foreground | None = None
+                           ) -> tuple[grpc.aio.Server, list[int]]:
     """The challenge API, plain gRPC: WireGuard encrypts and authenticates the tunnel it is reached over."""
     server = _server(limits)
-    _guard_all(servicer, challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"], limits, None)
+    _guard_all(servicer, challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"], limits, None, foreground)
     challenge_pb2_grpc.add_ChallengeServiceServicer_to_server(servicer, server)
     await _health(server, [challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"].full_name])
     ports = []

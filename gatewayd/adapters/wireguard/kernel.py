@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.ports import Pause, no_pause
+from gatewayd.scheduling import Pause, no_pause
 
 
 def _family_exists() -> bool:

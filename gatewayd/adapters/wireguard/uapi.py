@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.ports import Pause, no_pause
+from gatewayd.scheduling import Pause, Slices, no_pause
 
-# An answer takes ~330 bytes per peer (3.3 MB for 10,000): read it in large pieces.
-RECV_SIZE = 1024 * 1024
+# An answer takes ~330 bytes per peer (3.3 MB for 10,000): read it in pieces large enough to be few, small
+# enough that splitting one never holds the event loop for long.
+RECV_SIZE = 256 * 1024
 ZERO_KEY = "0" * 64
-PEERS_PER_SLICE = 100
 
 
 class UapiError(OSError):
@@ -162,6 +162,7 @@ class UapiWireGuard:
         blocks = await self._peer_blocks()
         peers: dict[str, PeerSnapshot] = {}
         old, cache = self._cache, {}
+        slices = Slices(pause)
         for count, block in enumerate(blocks, 1):
             key = block[:64]
             cached = old.get(key)
@@ -169,8 +170,8 @@ class UapiWireGuard:
             cache[key] = entry
             snap = entry[1]
             peers[snap.public_key] = snap
-            if count % PEERS_PER_SLICE == 0:
-                await pause()
+            if count & 15 == 0 and slices.due():
+                await slices.pause()
         self._cache = cache
         return peers
 
