@@ -19,12 +19,14 @@ import base64
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -149,29 +151,63 @@ def fresh_daemon(lab: Lab, gateway: Gateway | None, keys: list[str]) -> Gateway:
     return gw
 
 
+def busy_answers(answer: bytes, polls: int) -> list[bytes]:
+    """The recorded answer as it would read on a busy gateway: at each poll every peer's byte counters grew
+    and 1% of the peers completed a new handshake (a rekey every ~2 minutes per peer at a 1 s poll)."""
+    blocks = answer.split(b"\npublic_key=")
+    out = []
+    for n in range(1, polls + 1):
+        changed = [blocks[0]]
+        for i, block in enumerate(blocks[1:]):
+            block = re.sub(rb"\ntx_bytes=\d+", b"\ntx_bytes=%d" % (n * 1500 + i), block)
+            block = re.sub(rb"\nrx_bytes=\d+", b"\nrx_bytes=%d" % (n * 3000 + i), block)
+            if i % 100 == n % 100:
+                block = re.sub(rb"\nlast_handshake_time_sec=\d+", b"\nlast_handshake_time_sec=%d" % (1e9 + n), block)
+            changed.append(block)
+        out.append(b"\npublic_key=".join(changed))
+    return out
+
+
 def gatewayd_poll_cpu(lab: Lab, polls: int = 20) -> dict[str, float]:
     """CPU of one poll (UAPI read, parse, diff) as the daemon does it: steady (unchanged peers come from the
-    parse cache) and cold (a fresh reader: every peer parsed, every peer new to the diff)."""
+    parse cache), busy (the real answer replayed with every peer's counters changed and 1% new handshakes,
+    see busy_answers) and cold (a fresh reader: every peer parsed, every peer new to the diff)."""
     path = UAPI_DIR / f"{lab.gw_iface}.sock"
 
-    async def measure() -> tuple[list[float], list[float]]:
+    async def measure() -> tuple[list[float], list[float], list[float]]:
         source = UapiWireGuard(path)
         previous = await source.read()
-        steady, cold = [], []
+        steady, busy, cold = [], [], []
         for _ in range(polls):
             t = time.process_time()
             current = await source.read()
             diff(previous, current)
             steady.append(time.process_time() - t)
             previous = current
+        recorded = b"".join([chunk async for chunk in source._ask(b"get=1\n\n")])
+        answers = busy_answers(recorded, polls)
+
+        async def replay(request: bytes) -> AsyncIterator[bytes]:
+            answer = answers.pop(0)
+            for i in range(0, len(answer), 256 * 1024):
+                yield answer[i:i + 256 * 1024]
+
+        source._ask = replay  # type: ignore[method-assign]
+        for _ in range(polls):
+            t = time.process_time()
+            current = await source.read()
+            diff(previous, current)
+            busy.append(time.process_time() - t)
+            previous = current
         for _ in range(5):
             t = time.process_time()
             diff({}, await UapiWireGuard(path).read())
             cold.append(time.process_time() - t)
-        return steady, cold
+        return steady, busy, cold
 
-    steady, cold = asyncio.run(measure())
+    steady, busy, cold = asyncio.run(measure())
     return {"n": polls, "cpu_p50_ms": statistics.median(steady) * 1000, "cpu_max_ms": max(steady) * 1000,
+            "busy_cpu_p50_ms": statistics.median(busy) * 1000, "busy_cpu_max_ms": max(busy) * 1000,
             "cold_cpu_p50_ms": statistics.median(cold) * 1000}
 
 

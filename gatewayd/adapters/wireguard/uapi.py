@@ -112,13 +112,16 @@ def reset_request(peers: Sequence[PeerSnapshot]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+_Cached = tuple[bytes, PeerSnapshot, bytes | None, bytes | None]
+"""A peer's block, its snapshot, and the block's parts before and after the byte counters (None: not found)."""
+
+
 class UapiWireGuard:
     def __init__(self, socket_path: Path) -> None:
         self.path = socket_path
-        # Per peer (hex key): its block at the last read, what it parsed to, and where its byte counters sit in
-        # the block. An idle peer's block does not change between polls (one comparison); a busy peer's usually
-        # changes only in its counters (two integers parsed, the rest compared).
-        self._cache: dict[bytes, tuple[bytes, PeerSnapshot, int, int]] = {}
+        # Per peer (hex key), from the last read. An idle peer's block does not change between polls (one
+        # comparison); a busy peer's usually changes only in its counters (two integers parsed, the rest compared).
+        self._cache: dict[bytes, _Cached] = {}
 
     async def _exchange(self, request: str) -> str:
         """One request on a fresh connection; the answer ends with an empty line."""
@@ -181,22 +184,19 @@ class UapiWireGuard:
             raise UapiError(f"UAPI set failed: {answer.strip()}")
 
 
-def _counters(block: bytes) -> tuple[int, int]:
-    """Where the byte counter lines sit in a peer block (wireguard-go prints them together), or (-1, -1)."""
+def _decode(block: bytes, cached: _Cached | None) -> _Cached:
+    """A peer block, and what the cache keeps of it: its snapshot and the parts around its byte counters."""
+    head, tail = (cached[2], cached[3]) if cached is not None else (None, None)
+    if cached is not None and head is not None and tail is not None:
+        if block.startswith(head) and block.endswith(tail) and block.startswith(b"\ntx_bytes=", len(head)):
+            # Only the counters may differ: "\ntx_bytes=N\nrx_bytes=M" between the unchanged parts.
+            tx, sep, rx = block[len(head) + 10:len(block) - len(tail)].partition(b"\nrx_bytes=")
+            if sep and tx.isdigit() and rx.isdigit():
+                return block, cached[1].with_counters(int(rx), int(tx)), head, tail
+    snap = parse_peer(block.decode())
     start = block.find(b"\ntx_bytes=")
     if start == -1 or not block.startswith(b"\nrx_bytes=", block.find(b"\n", start + 1)):
-        return -1, -1
+        return block, snap, None, None
     end = block.find(b"\n", block.find(b"\n", start + 1) + 1)
-    return start, end if end != -1 else len(block)
-
-
-def _decode(block: bytes, cached: tuple[bytes, PeerSnapshot, int, int] | None
-            ) -> tuple[bytes, PeerSnapshot, int, int]:
-    start, end = _counters(block)
-    if cached is not None and start != -1 and cached[2] != -1:
-        old_block, old_snap, old_start, old_end = cached
-        if block[:start] == old_block[:old_start] and block[end:] == old_block[old_end:]:
-            tx_line, _, rx_line = block[start + 1:end].partition(b"\n")
-            tx, rx = int(tx_line[len(b"tx_bytes="):]), int(rx_line[len(b"rx_bytes="):])
-            return block, old_snap.with_counters(rx, tx), start, end
-    return block, parse_peer(block.decode()), start, end
+    end = len(block) if end == -1 else end
+    return block, snap, block[:start], block[end:]
