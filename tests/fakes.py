@@ -47,7 +47,7 @@ class MemorySource:
 
     def add(self, key: str, *ips: str, handshake: float | None = None) -> None:
         self.peers[key] = PeerSnapshot(public_key=key, endpoint="192.0.2.1:51820", allowed_ips=tuple(ips),
-                                       last_handshake=handshake, rx_bytes=0, tx_bytes=0, keepalive=25)
+                                       last_handshake=handshake, keepalive=25)
 
     async def read(self, pause: Pause = no_pause) -> dict[str, PeerSnapshot]:
         await pause()

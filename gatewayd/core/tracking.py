@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gatewayd.core import events as ev
+
+
+class Traffic:
+    """A peer's byte counters. Unlike the rest of a snapshot they change all the time on a busy gateway and
+    mean nothing to enforcement: a source may update them in place, keeping the snapshot object (a diff then
+    skips the peer by identity)."""
+
+    __slots__ = ("rx_bytes", "tx_bytes")
+
+    def __init__(self, rx_bytes: int = 0, tx_bytes: int = 0) -> None:
+        self.rx_bytes, self.tx_bytes = rx_bytes, tx_bytes
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Traffic) and (self.rx_bytes, self.tx_bytes) == (other.rx_bytes, other.tx_bytes)
+
+    def __hash__(self) -> int:
+        return hash((self.rx_bytes, self.tx_bytes))
+
+    def __repr__(self) -> str:
+        return f"Traffic(rx_bytes={self.rx_bytes}, tx_bytes={self.tx_bytes})"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,23 +38,20 @@ class PeerSnapshot:
     """Allowed IPs, CIDR."""
     last_handshake: float | None
     """Wall-clock time of the latest handshake, None if never."""
-    rx_bytes: int
-    """Bytes received."""
-    tx_bytes: int
-    """Bytes sent."""
     keepalive: int
     """Persistent keepalive interval in seconds, 0 = off."""
     preshared_key: bytes | None = None
     """Preshared key, kept only to restore the peer after a session reset; never logged or persisted."""
+    traffic: Traffic = field(default_factory=Traffic, compare=False)
+    """Bytes received and sent (live: see Traffic)."""
 
-    def with_counters(self, rx_bytes: int, tx_bytes: int) -> PeerSnapshot:
-        """This snapshot with new byte counters: what usually changes for a busy peer between two polls.
-        Copies the fields directly: four times cheaper than `dataclasses.replace` (10,000 busy peers a poll)."""
-        clone = object.__new__(PeerSnapshot)
-        fields = clone.__dict__
-        fields.update(self.__dict__)
-        fields["rx_bytes"], fields["tx_bytes"] = rx_bytes, tx_bytes
-        return clone
+    @property
+    def rx_bytes(self) -> int:
+        return self.traffic.rx_bytes
+
+    @property
+    def tx_bytes(self) -> int:
+        return self.traffic.tx_bytes
 
     def __repr__(self) -> str:
         return (f"PeerSnapshot({self.public_key}, endpoint={self.endpoint}, allowed_ips={self.allowed_ips}, "

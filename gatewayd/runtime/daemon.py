@@ -139,7 +139,7 @@ class Daemon:
         # unconfigured, so that their prefixes stop being tracked.
         self.driver.snapshot = {
             k: PeerSnapshot(public_key=k, endpoint=p.endpoint, allowed_ips=p.allowed_ips,
-                            last_handshake=p.last_handshake, rx_bytes=0, tx_bytes=0, keepalive=0)
+                            last_handshake=p.last_handshake, keepalive=0)
             for k, p in self.core.peers.items() if p.present}
         self._tasks.append(spawn(self.driver.run(), name="driver"))
         if self.publisher is not None:

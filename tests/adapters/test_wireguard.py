@@ -38,7 +38,7 @@ def test_parse_get_answer() -> None:
 def test_reset_request_restores_the_configuration() -> None:
     key = base64.b64encode(bytes(range(32))).decode()
     snap = PeerSnapshot(public_key=key, endpoint="198.18.1.2:4000", allowed_ips=("10.0.0.2/32",),
-                        last_handshake=1.0, rx_bytes=0, tx_bytes=0, keepalive=25, preshared_key=b"\x01" * 32)
+                        last_handshake=1.0, keepalive=25, preshared_key=b"\x01" * 32)
     text = reset_request([snap])
     hexkey = bytes(range(32)).hex()
     assert text.startswith(f"set=1\npublic_key={hexkey}\nremove=true\npublic_key={hexkey}\n")
@@ -60,7 +60,8 @@ def _answer(handshake: int, tx: int, rx: int, allowed: str = "10.0.0.2/32") -> s
 
 async def test_uapi_reader_reuses_what_did_not_change(tmp_path: Path) -> None:
     """Against a UAPI socket that writes its answers in 7-byte pieces (the terminating empty line split too):
-    each read equals a full parse of the answer, whatever changed between reads."""
+    each read equals a full parse of the answer, counters included, whatever changed between reads; a peer
+    whose counters alone changed keeps its snapshot object (counters are updated in place)."""
     answers = [_answer(1700000000, 10, 20), _answer(1700000000, 10, 20), _answer(1700000000, 15, 90),
                _answer(1700000130, 16, 95), _answer(1700000130, 17, 99, allowed="10.0.0.9/32")]
     pending = list(answers)
@@ -80,16 +81,20 @@ async def test_uapi_reader_reuses_what_did_not_change(tmp_path: Path) -> None:
     server = await asyncio.start_unix_server(serve, path=str(tmp_path / "wg0.sock"))
     try:
         source = UapiWireGuard(tmp_path / "wg0.sock")
-        reads = [await source.read() for _ in answers]
+        reads, counters = [], []
+        for _ in answers:
+            reads.append(await source.read())
+            counters.append({k: (p.rx_bytes, p.tx_bytes) for k, p in reads[-1].items()})
     finally:
         server.close()
         await asyncio.gather(*(t for t in handlers if t is not None))
     key, idle = base64.b64encode(b"\x44" * 32).decode(), base64.b64encode(b"\x55" * 32).decode()
-    for got, text in zip(reads, answers, strict=True):
-        assert got == parse_get(text)
+    for got, seen, text in zip(reads, counters, answers, strict=True):
+        expected = parse_get(text)
+        assert got == expected and seen == {k: (p.rx_bytes, p.tx_bytes) for k, p in expected.items()}
     assert reads[1][key] is reads[0][key]  # unchanged: not parsed again
-    assert (reads[2][key].rx_bytes, reads[2][key].tx_bytes) == (90, 15)  # counters only
-    assert reads[3][key].last_handshake == 1700000130  # a handshake as well as counters
+    assert reads[2][key] is reads[1][key] and counters[2][key] == (90, 15)  # counters only
+    assert reads[3][key] is not reads[2][key] and reads[3][key].last_handshake == 1700000130  # a handshake too
     assert reads[4][key].allowed_ips == ("10.0.0.9/32",)  # configuration as well as counters
     assert all(r[idle] is reads[0][idle] for r in reads)
 
@@ -145,11 +150,12 @@ async def test_uapi_reads_and_resets_a_real_wireguard_go() -> None:
         assert lab.wait_handshake(peer, after=first, timeout=10) > first
         # Traffic moves the byte counters; the rest of the peer stays as it was read.
         before = (await source.read())[peer.public_key]
+        received = before.rx_bytes
         for _ in range(3):
             lab.nudge(peer)
         await asyncio.sleep(0.2)
         busy = (await source.read())[peer.public_key]
-        assert busy.rx_bytes > before.rx_bytes
+        assert busy.rx_bytes > received
         assert (busy.allowed_ips, busy.endpoint, busy.last_handshake) == (
             before.allowed_ips, before.endpoint, before.last_handshake)
 

@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from gatewayd.core.tracking import PeerSnapshot
+from gatewayd.core.tracking import PeerSnapshot, Traffic
 from gatewayd.scheduling import Pause, no_pause
 
 
@@ -70,7 +70,7 @@ def decode_device(messages: Iterable[Any]) -> dict[str, PeerSnapshot]:
                 peers[key] = PeerSnapshot(
                     public_key=key, endpoint=_endpoint(p.get_attr("WGPEER_A_ENDPOINT")),
                     allowed_ips=(prev.allowed_ips if prev else ()) + allowed, last_handshake=when,
-                    rx_bytes=p.get_attr("WGPEER_A_RX_BYTES") or 0, tx_bytes=p.get_attr("WGPEER_A_TX_BYTES") or 0,
+                    traffic=Traffic(p.get_attr("WGPEER_A_RX_BYTES") or 0, p.get_attr("WGPEER_A_TX_BYTES") or 0),
                     keepalive=p.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0, preshared_key=psk_raw)
     return peers
 

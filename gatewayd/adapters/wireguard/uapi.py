@@ -14,7 +14,7 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from gatewayd.core.tracking import PeerSnapshot
+from gatewayd.core.tracking import PeerSnapshot, Traffic
 from gatewayd.scheduling import Pause, Slices, no_pause
 
 # An answer takes ~330 bytes per peer (3.3 MB for 10,000): read it in pieces large enough to be few, small
@@ -71,7 +71,7 @@ def parse_peer(block: str) -> PeerSnapshot:
             psk = value
     return PeerSnapshot(
         public_key=hex_to_b64(lines[0]), endpoint=endpoint, allowed_ips=tuple(allowed),
-        last_handshake=(sec + nsec / 1e9) if sec else None, rx_bytes=rx, tx_bytes=tx, keepalive=keepalive,
+        last_handshake=(sec + nsec / 1e9) if sec else None, traffic=Traffic(rx, tx), keepalive=keepalive,
         preshared_key=None if psk == ZERO_KEY else bytes.fromhex(psk))
 
 
@@ -192,7 +192,9 @@ def _decode(block: bytes, cached: _Cached | None) -> _Cached:
             # Only the counters may differ: "\ntx_bytes=N\nrx_bytes=M" between the unchanged parts.
             tx, sep, rx = block[len(head) + 10:len(block) - len(tail)].partition(b"\nrx_bytes=")
             if sep and tx.isdigit() and rx.isdigit():
-                return block, cached[1].with_counters(int(rx), int(tx)), head, tail
+                snap = cached[1]
+                snap.traffic.rx_bytes, snap.traffic.tx_bytes = int(rx), int(tx)
+                return block, snap, head, tail
     snap = parse_peer(block.decode())
     start = block.find(b"\ntx_bytes=")
     if start == -1 or not block.startswith(b"\nrx_bytes=", block.find(b"\n", start + 1)):
