@@ -34,7 +34,7 @@ import grpc
 import nftables
 
 from gatewayd.adapters.wireguard.uapi import UapiWireGuard
-from gatewayd.core.tracking import diff
+from gatewayd.core.tracking import Snapshot, diff
 from gatewayd.lab.gateway import Gateway
 from gatewayd.lab.netlab import UAPI_DIR, Lab, entered, keypair
 from gatewayd.v1 import control_pb2, control_pb2_grpc, types_pb2
@@ -174,16 +174,19 @@ def gatewayd_poll_cpu(lab: Lab, polls: int = 20) -> dict[str, float]:
     see busy_answers) and cold (a fresh reader: every peer parsed, every peer new to the diff)."""
     path = UAPI_DIR / f"{lab.gw_iface}.sock"
 
-    async def measure() -> tuple[list[float], list[float], list[float]]:
-        source = UapiWireGuard(path)
-        previous = await source.read()
-        steady, busy, cold = [], [], []
+    async def cpu_of_polls(source: UapiWireGuard, previous: Snapshot) -> tuple[list[float], Snapshot]:
+        samples = []
         for _ in range(polls):
             t = time.process_time()
             current = await source.read()
             diff(previous, current)
-            steady.append(time.process_time() - t)
+            samples.append(time.process_time() - t)
             previous = current
+        return samples, previous
+
+    async def measure() -> tuple[list[float], list[float], list[float]]:
+        source = UapiWireGuard(path)
+        steady, previous = await cpu_of_polls(source, await source.read())
         recorded = b"".join([chunk async for chunk in source._ask(b"get=1\n\n")])
         answers = busy_answers(recorded, polls)
 
@@ -193,12 +196,8 @@ def gatewayd_poll_cpu(lab: Lab, polls: int = 20) -> dict[str, float]:
                 yield answer[i:i + 256 * 1024]
 
         source._ask = replay  # type: ignore[method-assign]
-        for _ in range(polls):
-            t = time.process_time()
-            current = await source.read()
-            diff(previous, current)
-            busy.append(time.process_time() - t)
-            previous = current
+        busy, _ = await cpu_of_polls(source, previous)
+        cold = []
         for _ in range(5):
             t = time.process_time()
             diff({}, await UapiWireGuard(path).read())
