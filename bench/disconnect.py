@@ -2,7 +2,7 @@
 
 For each scale (1,000 and 10,000 configured peers, one member each):
 - Disconnect latency, call to answer (enforced, committed), sequential calls to distinct members over the local
-  socket; p50/p99.
+  socket; p50/p99; and the same calls again to a daemon that does not poll meanwhile (what the polls add).
 - Mass Disconnect: all members at once, as one team-wide Disconnect and as one call per member in parallel;
   time until every answer is in (each answer means enforced), checked against the nftables set.
 - One tracking poll: CPU time of reading the UAPI socket, parsing and diffing.
@@ -139,13 +139,14 @@ async def disconnect_all_parallel(socket_path: Path, n: int, in_flight: int = 10
 POLL_INTERVAL = 1.0
 
 
-def fresh_daemon(lab: Lab, gateway: Gateway | None, keys: list[str]) -> Gateway:
+def fresh_daemon(lab: Lab, gateway: Gateway | None, keys: list[str], poll_interval: float | None = None
+                 ) -> Gateway:
     """A daemon with an empty store and every member enrolled (all peers authorized)."""
     if gateway is not None:
         gateway.stop()
     for f in lab.workdir.glob("state.db*"):
         f.unlink()
-    gw = Gateway(lab, wireguard={"poll_interval": POLL_INTERVAL})
+    gw = Gateway(lab, wireguard={"poll_interval": poll_interval or POLL_INTERVAL})
     gw.start(timeout=120)
     asyncio.run(enroll_all(lab.workdir / "control.sock", keys))
     return gw
@@ -259,6 +260,31 @@ def by_hand(lab: Lab, keys: list[str], calls: int, mass: bool) -> dict[str, Any]
         subprocess.run(["nft", "delete", "table", "inet", "handscript"], check=False)
 
 
+NO_POLL = 60.0
+"""The longest poll interval: no poll runs during the calls (the first one ran at start)."""
+
+
+def sequential_disconnects(lab: Lab, n: int, calls: int) -> dict[str, Any]:
+    """`calls` Disconnects of distinct members one after the other, over the local socket: latency from call
+    to answer (each answer means enforced and committed)."""
+    channel = grpc.secure_channel(f"unix:{lab.workdir / 'control.sock'}",
+                                  grpc.local_channel_credentials(grpc.LocalConnectionType.UDS))
+    stub = control_pb2_grpc.ControlServiceStub(channel)
+    for i in range(20):  # warm-up on members the measured calls do not touch
+        stub.Disconnect(control_pb2.DisconnectRequest(member_id=f"m{n - 1 - i}", idempotency_key=f"w{i}"))
+    samples = []
+    for i in range(calls):
+        t = time.perf_counter()
+        res = stub.Disconnect(control_pb2.DisconnectRequest(member_id=f"m{i}", reason="bench",
+                                                            idempotency_key=f"seq-{i}"))
+        samples.append(time.perf_counter() - t)
+        assert res.peers_quarantined == 1
+    channel.close()
+    result: dict[str, Any] = summary(samples)
+    result["enforced"] = quarantined_count() >= calls
+    return result
+
+
 def run_scale(n: int, calls: int, baseline_calls: int) -> dict[str, Any]:
     lab = Lab(peers_wanted=0)
     with lab.running():
@@ -269,24 +295,15 @@ def run_scale(n: int, calls: int, baseline_calls: int) -> dict[str, Any]:
         print(f"[{n} peers] set up in {time.perf_counter() - started:.1f} s", file=sys.stderr)
         result: dict[str, Any] = {"peers": n, "setup_s": setup}
         with entered(lab.gw_ns):
-            # Sequential Disconnects of distinct members.
-            channel = grpc.secure_channel(f"unix:{lab.workdir / 'control.sock'}",
-                                          grpc.local_channel_credentials(grpc.LocalConnectionType.UDS))
-            stub = control_pb2_grpc.ControlServiceStub(channel)
-            for i in range(20):  # warm-up on members the measured calls do not touch
-                stub.Disconnect(control_pb2.DisconnectRequest(member_id=f"m{n - 1 - i}", idempotency_key=f"w{i}"))
-            samples = []
-            for i in range(calls):
-                t = time.perf_counter()
-                res = stub.Disconnect(control_pb2.DisconnectRequest(member_id=f"m{i}", reason="bench",
-                                                                    idempotency_key=f"seq-{i}"))
-                samples.append(time.perf_counter() - t)
-                assert res.peers_quarantined == 1
-            channel.close()
-            result["disconnect"] = summary(samples)
-            result["disconnect"]["enforced"] = quarantined_count() >= calls
+            result["disconnect"] = sequential_disconnects(lab, n, calls)
             result["poll"] = gatewayd_poll_cpu(lab)
             print(f"[{n} peers] disconnect {result['disconnect']}", file=sys.stderr)
+        # The same calls to a daemon that does not poll meanwhile: what the host and the Disconnect itself cost,
+        # so that what the polls add (wireguard-go's configuration lock, CPU) shows in the same run.
+        gw = fresh_daemon(lab, gw, keys, poll_interval=NO_POLL)
+        with entered(lab.gw_ns):
+            result["disconnect_without_polls"] = sequential_disconnects(lab, n, calls)
+        print(f"[{n} peers] disconnect without polls {result['disconnect_without_polls']}", file=sys.stderr)
         # Mass Disconnect: one team-wide request.
         gw = fresh_daemon(lab, gw, keys)
         with entered(lab.gw_ns):
@@ -325,6 +342,8 @@ def run_scale(n: int, calls: int, baseline_calls: int) -> dict[str, Any]:
         hand = result["by_hand"]
         result["ratios"] = {
             "disconnect_p99_vs_by_hand_p50": result["disconnect"]["p99_ms"] / hand["disconnect"]["p50_ms"],
+            "disconnect_p99_with_vs_without_polls": (result["disconnect"]["p99_ms"]
+                                                     / result["disconnect_without_polls"]["p99_ms"]),
             "mass_speedup_team_answered": hand["mass_disconnect_s"] / team_s,
             "mass_speedup_team_enforced": (hand["mass_disconnect_s"] / result["mass_team"]["enforced_s"]
                                            if result["mass_team"]["enforced_s"] else None),
