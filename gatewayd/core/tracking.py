@@ -18,12 +18,6 @@ class Traffic:
     def __init__(self, rx_bytes: int = 0, tx_bytes: int = 0) -> None:
         self.rx_bytes, self.tx_bytes = rx_bytes, tx_bytes
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Traffic) and (self.rx_bytes, self.tx_bytes) == (other.rx_bytes, other.tx_bytes)
-
-    def __hash__(self) -> int:
-        return hash((self.rx_bytes, self.tx_bytes))
-
     def __repr__(self) -> str:
         return f"Traffic(rx_bytes={self.rx_bytes}, tx_bytes={self.tx_bytes})"
 

@@ -7,7 +7,6 @@ deadline cap, and translation of refusals into precise statuses. Health and refl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
@@ -66,7 +65,7 @@ _STATUS = {s: getattr(grpc.StatusCode, s.value) for s in Status}
 
 
 def guarded(method: Callable[..., Any], name: str, limits: ListenerLimits,
-            authorizer: Authorizer | None, foreground: Foreground | None = None) -> Callable[..., Any]:
+            authorizer: Authorizer | None, foreground: Foreground) -> Callable[..., Any]:
     """Wrap a servicer method (unary or server-streaming) with authorization, deadline cap and errors.
     A unary call is foreground work while it is served (streams are long-lived: they are not)."""
 
@@ -102,7 +101,7 @@ def guarded(method: Callable[..., Any], name: str, limits: ListenerLimits,
 
     @functools.wraps(method)
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with foreground.running() if foreground is not None else contextlib.nullcontext():
+        with foreground.running():
             await check(context)
             try:
                 async with asyncio.timeout(budget(context)):
@@ -113,7 +112,7 @@ def guarded(method: Callable[..., Any], name: str, limits: ListenerLimits,
 
 
 def _guard_all(servicer: Any, service: Any, limits: ListenerLimits, authorizer: Authorizer | None,
-               foreground: Foreground | None) -> None:
+               foreground: Foreground) -> None:
     for name in service.methods_by_name:
         setattr(servicer, name, guarded(getattr(servicer, name), name, limits, authorizer, foreground))
 
@@ -137,7 +136,7 @@ def _server(limits: ListenerLimits) -> grpc.aio.Server:
 
 async def control_server(servicer: control_pb2_grpc.ControlServiceServicer, *, tcp: str | None,
                          tls: TlsFiles | None, unix_socket: Path | None, unix_mode: int,
-                         authorizer: Authorizer, limits: ListenerLimits, foreground: Foreground | None = None
+                         authorizer: Authorizer, limits: ListenerLimits, foreground: Foreground
                          ) -> tuple[grpc.aio.Server, int | None]:
     """One server bound to the mTLS TCP address and/or the unix socket; returns it started, and the TCP port."""
     server = _server(limits)
@@ -167,7 +166,7 @@ async def control_server(servicer: control_pb2_grpc.ControlServiceServicer, *, t
 
 
 async def challenge_server(servicer: challenge_pb2_grpc.ChallengeServiceServicer, addresses: list[str],
-                           limits: ListenerLimits, foreground: Foreground | None = None
+                           limits: ListenerLimits, foreground: Foreground
                            ) -> tuple[grpc.aio.Server, list[int]]:
     """The challenge API, plain gRPC: WireGuard encrypts and authenticates the tunnel it is reached over."""
     server = _server(limits)

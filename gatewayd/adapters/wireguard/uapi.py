@@ -112,7 +112,7 @@ def reset_request(peers: Sequence[PeerSnapshot]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-_Cached = tuple[bytes, PeerSnapshot, bytes | None, bytes | None]
+_Cached = tuple[bytes, PeerSnapshot, tuple[bytes, bytes] | None]
 """A peer's block, its snapshot, and the block's parts before and after the byte counters (None: not found)."""
 
 
@@ -186,19 +186,20 @@ class UapiWireGuard:
 
 def _decode(block: bytes, cached: _Cached | None) -> _Cached:
     """A peer block, and what the cache keeps of it: its snapshot and the parts around its byte counters."""
-    head, tail = (cached[2], cached[3]) if cached is not None else (None, None)
-    if cached is not None and head is not None and tail is not None:
+    around = cached[2] if cached is not None else None
+    if cached is not None and around is not None:
+        head, tail = around
         if block.startswith(head) and block.endswith(tail) and block.startswith(b"\ntx_bytes=", len(head)):
             # Only the counters may differ: "\ntx_bytes=N\nrx_bytes=M" between the unchanged parts.
             tx, sep, rx = block[len(head) + 10:len(block) - len(tail)].partition(b"\nrx_bytes=")
             if sep and tx.isdigit() and rx.isdigit():
                 snap = cached[1]
                 snap.traffic.rx_bytes, snap.traffic.tx_bytes = int(rx), int(tx)
-                return block, snap, head, tail
+                return block, snap, around
     snap = parse_peer(block.decode())
     start = block.find(b"\ntx_bytes=")
     if start == -1 or not block.startswith(b"\nrx_bytes=", block.find(b"\n", start + 1)):
-        return block, snap, None, None
+        return block, snap, None
     end = block.find(b"\n", block.find(b"\n", start + 1) + 1)
     end = len(block) if end == -1 else end
-    return block, snap, block[:start], block[end:]
+    return block, snap, (block[:start], block[end:])
