@@ -3,6 +3,11 @@
 One writer connection, used only by the driver, which wraps each batch in one transaction (and each request
 in a savepoint, so that a refused request leaves nothing behind). A second connection serves reads for
 streams. WAL with synchronous=FULL: replay and double-spend protection rest on committed rows.
+
+Checkpoints (copying the WAL into the database file and syncing it) are not left to SQLite's automatic
+checkpoint, which runs inside the COMMIT that crosses 1,000 pages and made every ~120th Disconnect wait
+~12 ms for it. A third connection runs them (`checkpoint()`, PASSIVE: it neither waits for nor blocks the
+writer), called by the daemon in the background.
 """
 
 from __future__ import annotations
@@ -149,12 +154,17 @@ def _aad(member_id: str, slot: str) -> bytes:
     return f"gatewayd/totp/{member_id}/{slot}".encode()
 
 
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+"""Bytes of WAL file kept on disk after the writer starts it over."""
+
+
 class Store:
     def __init__(self, path: Path, box: SecretBox) -> None:
         self.path = path
         self._box = box
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._checkpointer: aiosqlite.Connection | None = None
         self.next_cursor = 1
 
     @property
@@ -169,6 +179,8 @@ class Store:
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=FULL")
             await self._db.execute("PRAGMA foreign_keys=ON")
+            await self._db.execute("PRAGMA wal_autocheckpoint=0")
+            await self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             await self._migrate()
         except BaseException:
             await self.close()
@@ -176,15 +188,26 @@ class Store:
         os.chmod(self.path, 0o600)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA query_only=ON")
+        self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
         async with self.db.execute("SELECT coalesce(max(cursor), 0) FROM outbox") as cur:
             row = await cur.fetchone()
         self.next_cursor = int(row[0]) + 1 if row else 1
 
     async def close(self) -> None:
-        for conn in (self._reader, self._db):
+        for conn in (self._reader, self._checkpointer, self._db):
             if conn is not None:
                 await conn.close()
-        self._db = self._reader = None
+        self._db = self._reader = self._checkpointer = None
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Copy committed WAL frames into the database file without waiting for (or blocking) the writer.
+
+        Returns (frames in the WAL, frames now in the database file); the writer starts the WAL over once
+        all were copied."""
+        assert self._checkpointer is not None
+        async with self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
+            row = await cur.fetchone()
+        return (int(row[1]), int(row[2])) if row else (0, 0)
 
     async def _migrate(self) -> None:
         async with self.db.execute("PRAGMA user_version") as cur:

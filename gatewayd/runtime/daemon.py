@@ -48,6 +48,10 @@ from gatewayd.scheduling import Pause, Slices
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0
+CHECKPOINT_INTERVAL = 1.0
+"""Seconds between two background SQLite checkpoints."""
+CHECKPOINT_PATIENCE = 5.0
+"""How long a checkpoint waits for a moment without foreground work before it runs anyway."""
 
 
 @dataclass
@@ -124,6 +128,8 @@ class Daemon:
         self.metrics_server: asyncio.Server | None = None
         self.started_at: float | None = None
         self.last_poll: float | None = None
+        self.wal_frames = 0
+        """Frames in SQLite's WAL when the latest checkpoint started."""
         self.outbox: tuple[int, float | None] = (0, None)  # (unpublished, oldest time), refreshed every 2 s
         self._register_gauges()
 
@@ -142,6 +148,7 @@ class Daemon:
                             last_handshake=p.last_handshake, keepalive=0)
             for k, p in self.core.peers.items() if p.present}
         self._tasks.append(spawn(self.driver.run(), name="driver"))
+        self._tasks.append(spawn(self._checkpoint_wal(), name="checkpointer"))
         if self.publisher is not None:
             self._tasks.append(spawn(self.publisher.run(), name="mqtt"))
         if self.adapters.watch_links:
@@ -197,8 +204,30 @@ class Daemon:
                 lambda: max(self.clock() - self.outbox[1], 0.0) if self.publisher and self.outbox[1] else 0.0)
         r.gauge("gatewayd_broker_connected", "1 while connected to the MQTT broker",
                 lambda: float(bool(self.publisher and self.publisher.connected)))
+        r.gauge("gatewayd_sqlite_wal_frames", "Pages in SQLite's write-ahead log when the latest checkpoint started",
+                lambda: float(self.wal_frames))
         r.gauge("gatewayd_batch_phase_seconds", "Time spent in each phase of the latest driver batch",
                 lambda: {(("phase", k),): v for k, v in self.driver.last_batch.items()})
+
+    async def _checkpoint_wal(self) -> None:
+        """SQLite checkpoints off the commit path (see gatewayd.adapters.sqlite_store), started between RPCs
+        but never kept from running for long: the WAL grows until a checkpoint catches up."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.driver.foreground.quiet(), CHECKPOINT_PATIENCE)
+            await self.checkpoint_once()
+
+    async def checkpoint_once(self) -> None:
+        # The bulk (copying pages, syncing the database file) runs beside the batches that keep committing.
+        frames, _ = await self.store.checkpoint()
+        self.wal_frames = frames
+        if frames:
+            # The few frames committed meanwhile, with no transaction open: the next batch then starts the
+            # WAL over. Without this a busy gateway's WAL only grows (a transaction is nearly always open
+            # when the concurrent checkpoint ends, and SQLite restarts the WAL only after a complete one).
+            async with self.driver.between_batches():
+                await self.store.checkpoint()
 
     async def _refresh_outbox_stats(self) -> None:
         while True:

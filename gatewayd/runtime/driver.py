@@ -9,11 +9,12 @@ then releases, then the waiting callers are answered. Acknowledged therefore mea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -136,6 +137,7 @@ class Driver:
         self.last_batch: dict[str, float] = {}
         """Seconds spent in each phase of the latest batch (jobs, tighten, reset, flush, commit, loosen)."""
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
+        self._batch_lock = asyncio.Lock()
         self.foreground = Foreground()
         """Submitted jobs (and the RPC listeners' calls) are foreground work; polls give way to them."""
 
@@ -150,10 +152,18 @@ class Driver:
     async def run(self) -> None:
         while True:
             first = await self._next(self._timeout())
-            batch = [first] if first else []
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self.process(batch)
+            async with self._batch_lock:
+                batch = [first] if first else []
+                while len(batch) < MAX_BATCH and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                await self.process(batch)
+
+    @contextlib.asynccontextmanager
+    async def between_batches(self) -> AsyncIterator[None]:
+        """Hold the next batch back: inside, no write transaction is open (the lock is fair, so a batch
+        already waiting runs first)."""
+        async with self._batch_lock:
+            yield
 
     def _timeout(self) -> float | None:
         deadline = self.core.next_deadline()

@@ -26,6 +26,8 @@ async def test_pragmas_and_migrations(tmp_path: Path) -> None:
         assert (await cur.fetchone())[0] == "wal"  # type: ignore[index]
     async with store.db.execute("PRAGMA synchronous") as cur:
         assert (await cur.fetchone())[0] == 2  # type: ignore[index]  # FULL
+    async with store.db.execute("PRAGMA wal_autocheckpoint") as cur:
+        assert (await cur.fetchone())[0] == 0  # type: ignore[index]  # never inside a COMMIT: see Store.checkpoint
     async with store.db.execute("PRAGMA user_version") as cur:
         assert (await cur.fetchone())[0] == len(MIGRATIONS)  # type: ignore[index]
     await store.close()
