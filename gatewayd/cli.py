@@ -27,6 +27,7 @@ def _run(path: Path) -> int:
     import uvloop
 
     from gatewayd.runtime.daemon import Daemon, kernel_adapters
+    from gatewayd.runtime.memory import freeze_when_ready
     from gatewayd.runtime.tasks import spawn
 
     config = load(path)
@@ -38,6 +39,7 @@ def _run(path: Path) -> int:
             loop.add_signal_handler(sig, stop.set)
         daemon = Daemon(config, kernel_adapters(config), config_path=path)
         loop.add_signal_handler(signal.SIGHUP, lambda: spawn(daemon.reload(), name="reload"))
+        spawn(freeze_when_ready(daemon.ready), name="gc-freeze")
         await daemon.serve(stop)
 
     uvloop.run(main())

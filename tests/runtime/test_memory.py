@@ -1,0 +1,55 @@
+"""Freezing the long-lived objects (gatewayd.runtime.memory), in a separate interpreter: a freeze is
+process-wide and would otherwise hold on to the test run's objects."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+PROGRAM = """
+import asyncio, gc, json, weakref
+from gatewayd.runtime.memory import freeze_when_ready
+
+gc.disable()  # only the freeze's own collection may free the cycle below
+
+
+class Node:
+    pass
+
+
+cycle = Node()
+cycle.me = cycle
+cycle_ref = weakref.ref(cycle)
+del cycle
+state = [Node() for _ in range(1000)]
+
+
+async def main():
+    ready = asyncio.Event()
+    task = asyncio.ensure_future(freeze_when_ready(ready))
+    await asyncio.sleep(0.05)
+    before = gc.get_freeze_count()
+    ready.set()
+    await task
+    return before
+
+
+before = asyncio.run(main())
+walked = {id(o) for o in gc.get_objects()}
+print(json.dumps({
+    "frozen_before_ready": before,
+    "frozen": gc.get_freeze_count(),
+    "garbage_collected": cycle_ref() is None,
+    "state_walked_by_collections": sum(id(n) in walked for n in state),
+}))
+"""
+
+
+def test_the_state_alive_when_ready_is_frozen_and_garbage_is_collected_first() -> None:
+    out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, timeout=60, check=True)
+    result = json.loads(out.stdout)
+    assert result["frozen_before_ready"] == 0
+    assert result["frozen"] >= 1000
+    assert result["garbage_collected"]
+    assert result["state_walked_by_collections"] == 0
