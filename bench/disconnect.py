@@ -2,7 +2,8 @@
 
 For each scale (1,000 and 10,000 configured peers, one member each):
 - Disconnect latency, call to answer (enforced, committed), sequential calls to distinct members over the local
-  socket; p50/p99; and the same calls again to a daemon that does not poll meanwhile (what the polls add).
+  socket; p50/p99; the same calls again to a daemon that does not poll meanwhile (what the polls add); and
+  calls arriving at random times (a poll's `get` is then met by chance, not only right after an answer).
 - Mass Disconnect: all members at once, as one team-wide Disconnect and as one call per member in parallel;
   time until every answer is in (each answer means enforced), checked against the nftables set.
 - One tracking poll: CPU time of reading the UAPI socket, parsing and diffing.
@@ -19,6 +20,7 @@ import base64
 import json
 import os
 import platform
+import random
 import re
 import resource
 import statistics
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -136,10 +139,10 @@ async def disconnect_all_parallel(socket_path: Path, n: int, in_flight: int = 10
         return time.perf_counter() - start
 
 
-POLL_INTERVAL = 1.0
+POLL_INTERVAL: float | str = "auto"
 
 
-def fresh_daemon(lab: Lab, gateway: Gateway | None, keys: list[str], poll_interval: float | None = None
+def fresh_daemon(lab: Lab, gateway: Gateway | None, keys: list[str], poll_interval: float | str | None = None
                  ) -> Gateway:
     """A daemon with an empty store and every member enrolled (all peers authorized)."""
     if gateway is not None:
@@ -264,16 +267,20 @@ NO_POLL = 60.0
 """The longest poll interval: no poll runs during the calls (the first one ran at start)."""
 
 
-def sequential_disconnects(lab: Lab, n: int, calls: int) -> dict[str, Any]:
+def sequential_disconnects(lab: Lab, n: int, calls: int, gap_mean: float = 0.0) -> dict[str, Any]:
     """`calls` Disconnects of distinct members one after the other, over the local socket: latency from call
-    to answer (each answer means enforced and committed)."""
+    to answer (each answer means enforced and committed). With `gap_mean`, each call waits a random time
+    first (exponential, that mean, seeded): arrivals at random times."""
     channel = grpc.secure_channel(f"unix:{lab.workdir / 'control.sock'}",
                                   grpc.local_channel_credentials(grpc.LocalConnectionType.UDS))
     stub = control_pb2_grpc.ControlServiceStub(channel)
     for i in range(20):  # warm-up on members the measured calls do not touch
         stub.Disconnect(control_pb2.DisconnectRequest(member_id=f"m{n - 1 - i}", idempotency_key=f"w{i}"))
     samples = []
+    gaps = random.Random(calls)
     for i in range(calls):
+        if gap_mean:
+            time.sleep(gaps.expovariate(1 / gap_mean))
         t = time.perf_counter()
         res = stub.Disconnect(control_pb2.DisconnectRequest(member_id=f"m{i}", reason="bench",
                                                             idempotency_key=f"seq-{i}"))
@@ -283,6 +290,21 @@ def sequential_disconnects(lab: Lab, n: int, calls: int) -> dict[str, Any]:
     result: dict[str, Any] = summary(samples)
     result["enforced"] = quarantined_count() >= calls
     return result
+
+
+RANDOM_GAP = 0.010
+"""Mean pause before each call of the random-arrivals measurement."""
+
+
+def poll_cadence() -> dict[str, float]:
+    """The daemon's poll interval (as configured, or what auto chose) and how long its reads keep wireguard-go
+    busy, from its metrics endpoint (the config's default listen, inside the gateway namespace)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open("http://127.0.0.1:9109/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {"interval_s": float(values["gatewayd_poll_interval_seconds"]),
+            "read_ms": float(values["gatewayd_poll_read_seconds"]) * 1000}
 
 
 def run_scale(n: int, calls: int, baseline_calls: int) -> dict[str, Any]:
@@ -297,7 +319,13 @@ def run_scale(n: int, calls: int, baseline_calls: int) -> dict[str, Any]:
         with entered(lab.gw_ns):
             result["disconnect"] = sequential_disconnects(lab, n, calls)
             result["poll"] = gatewayd_poll_cpu(lab)
-            print(f"[{n} peers] disconnect {result['disconnect']}", file=sys.stderr)
+        print(f"[{n} peers] disconnect {result['disconnect']}", file=sys.stderr)
+        gw = fresh_daemon(lab, gw, keys)
+        with entered(lab.gw_ns):
+            result["disconnect_random_arrivals"] = sequential_disconnects(lab, n, calls, RANDOM_GAP)
+            result["poll_cadence"] = poll_cadence()
+        print(f"[{n} peers] disconnect, random arrivals {result['disconnect_random_arrivals']} "
+              f"{result['poll_cadence']}", file=sys.stderr)
         # The same calls to a daemon that does not poll meanwhile: what the host and the Disconnect itself cost,
         # so that what the polls add (wireguard-go's configuration lock, CPU) shows in the same run.
         gw = fresh_daemon(lab, gw, keys, poll_interval=NO_POLL)
@@ -359,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=1000, help="sequential Disconnects measured per scale")
     parser.add_argument("--baseline-calls", type=int, default=200, help="hand-scripted Disconnects measured")
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
-    parser.add_argument("--poll-interval", type=float, default=1.0, help="gatewayd's wireguard.poll_interval")
+    parser.add_argument("--poll-interval", type=lambda v: v if v == "auto" else float(v), default="auto",
+                        help="gatewayd's wireguard.poll_interval: auto (the default) or seconds")
     args = parser.parse_args(argv)
     global POLL_INTERVAL
     POLL_INTERVAL = args.poll_interval
@@ -368,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count()},
-        "poll_interval_s": args.poll_interval,
+        "poll_interval": args.poll_interval,
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "scales": [run_scale(int(n), args.calls, args.baseline_calls) for n in args.peers.split(",")],
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import tomllib
 import types
@@ -39,8 +40,8 @@ class WireGuardSection:
     """How peers are read: kernel generic netlink, the userspace UAPI socket, or auto (kernel if present)."""
     uapi_socket_dir: Path = Path("/var/run/wireguard")
     """Where userspace implementations put <interface>.sock."""
-    poll_interval: float = 1.0
-    """Seconds between two reads of the interface's peers."""
+    poll_interval: float | Literal["auto"] = "auto"
+    """Seconds between two reads of the interface's peers, or auto (see gatewayd.scheduling.auto_poll_interval)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,7 +172,13 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value == "" and type(None) in typing.get_args(hint):
             return None
-        return _convert(key, options[0], value)
+        if len(options) == 1:
+            return _convert(key, options[0], value)
+        for option in options:
+            with contextlib.suppress(ConfigError):
+                return _convert(key, option, value)
+        raise ConfigError(key, "must be " + " or ".join(
+            "a number" if o is float else " or ".join(map(str, typing.get_args(o))) for o in options))
     if origin is Literal:
         if value not in typing.get_args(hint):
             raise ConfigError(key, f"must be one of {', '.join(map(str, typing.get_args(hint)))}")
@@ -245,7 +252,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("gateway.id", "must be 1-64 characters without '/', '+' or '#'")
     if cfg.gateway.event_retention < 1:
         raise ConfigError("gateway.event_retention", "must be at least 1")
-    if not 0.05 <= cfg.wireguard.poll_interval <= 60:
+    if cfg.wireguard.poll_interval != "auto" and not 0.05 <= cfg.wireguard.poll_interval <= 60:
         raise ConfigError("wireguard.poll_interval", "must be between 0.05 and 60 seconds")
     if not cfg.wireguard.interface or len(cfg.wireguard.interface) > 15:
         raise ConfigError("wireguard.interface", "must be an interface name of 1-15 characters")

@@ -51,6 +51,10 @@ class Enforcer(Protocol):
 class PeerSource(Protocol):
     """A WireGuard interface's peers."""
 
+    read_seconds: float
+    """How long the latest read kept the interface busy: for a userspace implementation, from the request to
+    the end of its answer (its configuration lock is held meanwhile); for the kernel, the dump."""
+
     async def read(self, pause: Pause = no_pause) -> Snapshot:
         """The interface's peers now. `pause` is awaited before the interface is asked (a userspace
         implementation's configuration lock is held while it answers) and between slices of decoding."""

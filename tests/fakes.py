@@ -44,6 +44,7 @@ class MemorySource:
         self.peers: dict[str, PeerSnapshot] = {}
         self.resets: list[str] = []
         self.reads = 0
+        self.read_seconds = 0.0
 
     def add(self, key: str, *ips: str, handshake: float | None = None) -> None:
         self.peers[key] = PeerSnapshot(public_key=key, endpoint="192.0.2.1:51820", allowed_ips=tuple(ips),

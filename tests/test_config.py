@@ -27,6 +27,7 @@ def test_example_documents_every_key_with_its_default() -> None:
     ("[gateway]\nidd = 'x'\n", "gateway.idd"),
     ("[gatway]\n", "gatway"),
     ("[wireguard]\npoll_interval = 'fast'\n", "wireguard.poll_interval"),
+    ("[wireguard]\npoll_interval = 0.01\n", "wireguard.poll_interval"),
     ("[wireguard]\nbackend = 'magic'\n", "wireguard.backend"),
     ("[auth]\nmax_failures = 0\n", "auth.max_failures"),
     ("[control]\nlisten = '0.0.0.0:9440'\n", "control.tls_cert_file"),
@@ -40,6 +41,14 @@ def test_bad_key_or_value_is_named(snippet: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse(snippet)
     assert info.value.key == key
+
+
+def test_poll_interval_is_auto_or_seconds() -> None:
+    assert parse("").wireguard.poll_interval == "auto"
+    assert parse("[wireguard]\npoll_interval = 'auto'\n").wireguard.poll_interval == "auto"
+    assert parse("[wireguard]\npoll_interval = 2\n").wireguard.poll_interval == 2.0
+    with pytest.raises(ConfigError, match="must be a number or auto"):
+        parse("[wireguard]\npoll_interval = 'fast'\n")
 
 
 def test_check_config_cli(tmp_path: Path) -> None:

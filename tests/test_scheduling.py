@@ -5,8 +5,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from gatewayd.adapters.grpc.listeners import ListenerLimits, guarded
-from gatewayd.scheduling import Foreground
+from gatewayd.scheduling import AUTO_POLL_MAX, AUTO_POLL_MIN, AUTO_POLL_SHARE, Foreground, auto_poll_interval
+
+
+def test_auto_poll_interval_keeps_reads_to_a_share_of_the_time() -> None:
+    assert auto_poll_interval(0.0) == AUTO_POLL_MIN == 1.0
+    assert auto_poll_interval(0.004) == 1.0  # a small gateway is read every second
+    assert auto_poll_interval(0.03) == pytest.approx(0.03 / AUTO_POLL_SHARE) == pytest.approx(3.0)
+    assert auto_poll_interval(0.045) == pytest.approx(4.5)
+    assert auto_poll_interval(2.0) == AUTO_POLL_MAX == 5.0  # however slow a read, at least every 5 s
 
 
 async def test_quiet_waits_for_every_piece_of_foreground_work() -> None:

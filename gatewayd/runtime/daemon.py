@@ -43,7 +43,7 @@ from gatewayd.runtime.observability import Metrics
 from gatewayd.runtime.operations import DevicePolicy, Operations, StatusSnapshot
 from gatewayd.runtime.systemd import notify, watchdog_interval
 from gatewayd.runtime.tasks import spawn
-from gatewayd.scheduling import Pause, Slices
+from gatewayd.scheduling import Pause, Slices, auto_poll_interval
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ class Daemon:
         self.started_at: float | None = None
         self.last_poll: float | None = None
         self.wal_frames = 0
+        self.read_seconds = 0.0
+        """How long reads of the interface keep it busy, smoothed over the latest polls."""
         """Frames in SQLite's WAL when the latest checkpoint started."""
         self.outbox: tuple[int, float | None] = (0, None)  # (unpublished, oldest time), refreshed every 2 s
         self._register_gauges()
@@ -204,6 +206,10 @@ class Daemon:
                 lambda: max(self.clock() - self.outbox[1], 0.0) if self.publisher and self.outbox[1] else 0.0)
         r.gauge("gatewayd_broker_connected", "1 while connected to the MQTT broker",
                 lambda: float(bool(self.publisher and self.publisher.connected)))
+        r.gauge("gatewayd_poll_interval_seconds", "Seconds between two reads of the interface (poll_interval, "
+                "or what auto chose)", self.poll_interval)
+        r.gauge("gatewayd_poll_read_seconds", "How long reads of the interface keep it busy (smoothed)",
+                lambda: self.read_seconds)
         r.gauge("gatewayd_sqlite_wal_frames", "Pages in SQLite's write-ahead log when the latest checkpoint started",
                 lambda: float(self.wal_frames))
         r.gauge("gatewayd_batch_phase_seconds", "Time spent in each phase of the latest driver batch",
@@ -347,6 +353,8 @@ class Daemon:
         # Background work: it gives way to RPCs and driver jobs (see gatewayd.scheduling).
         quiet = self.driver.foreground.quiet
         snapshot = await self.adapters.source.read(quiet)
+        latest = self.adapters.source.read_seconds
+        self.read_seconds = latest if not self.read_seconds else 0.7 * self.read_seconds + 0.3 * latest
         events = await diff_in_slices(self.driver.snapshot, snapshot, quiet)
         self.driver.snapshot = dict(snapshot)
         self.metrics.poll_seconds.observe(time.perf_counter() - started)
@@ -361,11 +369,14 @@ class Daemon:
               name="link-event")
         self._poll_now.set()
 
+    def poll_interval(self) -> float:
+        configured = self.config.wireguard.poll_interval
+        return auto_poll_interval(self.read_seconds) if configured == "auto" else configured
+
     async def _track(self) -> None:
-        interval = self.config.wireguard.poll_interval
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poll_now.wait(), interval)
+                await asyncio.wait_for(self._poll_now.wait(), self.poll_interval())
             self._poll_now.clear()
             try:
                 await self.poll_once()

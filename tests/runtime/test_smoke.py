@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from gatewayd.core.model import PeerState
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
 from tests.harness import Harness, gw, key
@@ -24,6 +26,25 @@ async def test_disconnect_then_totp_releases(gw: Harness) -> None:
     r = await ch.SubmitTotp(challenge_pb2.SubmitTotpRequest(code=gw.code()))
     assert r.accepted
     assert "127.0.0.1/32" not in gw.enforcer.held
+
+
+async def test_auto_poll_interval_follows_what_reads_cost(gw: Harness) -> None:
+    """poll_interval = "auto" (the default): the interval follows how long reads keep the interface busy."""
+    from dataclasses import replace
+
+    assert gw.daemon.config.wireguard.poll_interval == "auto"
+    await gw.poll()
+    assert gw.daemon.poll_interval() == 1.0  # reads that cost nothing: every second
+    gw.source.read_seconds = 0.03
+    await gw.poll()
+    assert gw.daemon.poll_interval() == pytest.approx(3.0)  # 30 ms per read: at most 1% of the time
+    for _ in range(20):
+        gw.source.read_seconds = 0.01
+        await gw.poll()
+    assert gw.daemon.poll_interval() == pytest.approx(1.0, rel=0.01)
+    config = gw.daemon.config
+    gw.daemon.config = replace(config, wireguard=replace(config.wireguard, poll_interval=0.5))
+    assert gw.daemon.poll_interval() == 0.5  # a configured number is kept as it is
 
 
 async def test_a_poll_gives_way_to_the_driver(gw: Harness) -> None:

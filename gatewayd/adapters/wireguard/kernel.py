@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -78,6 +79,7 @@ def decode_device(messages: Iterable[Any]) -> dict[str, PeerSnapshot]:
 class KernelWireGuard:
     def __init__(self, interface: str) -> None:
         self.interface = interface
+        self.read_seconds = 0.0
 
     def _read(self) -> dict[str, PeerSnapshot]:
         from pyroute2 import WireGuard
@@ -87,7 +89,11 @@ class KernelWireGuard:
 
     async def read(self, pause: Pause = no_pause) -> dict[str, PeerSnapshot]:
         await pause()  # the dump itself runs in a worker thread, in chunks the kernel locks one at a time
-        return await asyncio.to_thread(self._read)
+        asked = time.perf_counter()
+        try:
+            return await asyncio.to_thread(self._read)
+        finally:
+            self.read_seconds = time.perf_counter() - asked
 
     def _reset(self, peers: Sequence[PeerSnapshot]) -> None:
         import base64

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import ipaddress
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -122,6 +123,7 @@ class UapiWireGuard:
         # Per peer (hex key), from the last read. An idle peer's block does not change between polls (one
         # comparison); a busy peer's usually changes only in its counters (two integers parsed, the rest compared).
         self._cache: dict[bytes, _Cached] = {}
+        self.read_seconds = 0.0
 
     async def _exchange(self, request: str) -> str:
         """One request on a fresh connection; the answer ends with an empty line."""
@@ -162,7 +164,9 @@ class UapiWireGuard:
 
     async def read(self, pause: Pause = no_pause) -> dict[str, PeerSnapshot]:
         await pause()
+        asked = time.perf_counter()
         blocks = await self._peer_blocks()
+        self.read_seconds = time.perf_counter() - asked
         peers: dict[str, PeerSnapshot] = {}
         old, cache = self._cache, {}
         slices = Slices(pause)
