@@ -129,9 +129,9 @@ class Daemon:
         self.started_at: float | None = None
         self.last_poll: float | None = None
         self.wal_frames = 0
+        """Frames in SQLite's WAL when the latest checkpoint started."""
         self.read_seconds = 0.0
         """How long reads of the interface keep it busy, smoothed over the latest polls."""
-        """Frames in SQLite's WAL when the latest checkpoint started."""
         self.outbox: tuple[int, float | None] = (0, None)  # (unpublished, oldest time), refreshed every 2 s
         self._register_gauges()
 

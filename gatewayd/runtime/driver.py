@@ -160,8 +160,8 @@ class Driver:
 
     @contextlib.asynccontextmanager
     async def between_batches(self) -> AsyncIterator[None]:
-        """Hold the next batch back: inside, no write transaction is open (the lock is fair, so a batch
-        already waiting runs first)."""
+        """Hold the next batch back: entered once the batch under way (if any) is done, so that no write
+        transaction is open inside."""
         async with self._batch_lock:
             yield
 
