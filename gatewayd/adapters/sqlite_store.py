@@ -154,6 +154,11 @@ def _aad(member_id: str, slot: str) -> bytes:
     return f"gatewayd/totp/{member_id}/{slot}".encode()
 
 
+def _events(rows: Iterable[sqlite3.Row]) -> list[StoredEvent]:
+    """Outbox rows selected as (cursor, id, type, time, subject, data_json)."""
+    return [StoredEvent(cursor=r[0], id=r[1], type=r[2], time=r[3], subject=r[4], data_json=r[5]) for r in rows]
+
+
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes of WAL file kept on disk after the writer starts it over."""
 
@@ -472,9 +477,7 @@ class Store:
         async with self._reader.execute(
             "SELECT cursor, id, type, time, subject, data_json FROM outbox WHERE published = 0 "
             "ORDER BY cursor LIMIT ?", (limit,)) as cur:
-            rows = await cur.fetchall()
-        return [StoredEvent(cursor=r[0], id=r[1], type=r[2], time=r[3], subject=r[4], data_json=r[5])
-                for r in rows]
+            return _events(await cur.fetchall())
 
     async def outbox_stats(self) -> tuple[int, float | None]:
         """(unpublished events, time of the oldest unpublished one)."""
@@ -488,6 +491,4 @@ class Store:
         async with self._reader.execute(
             "SELECT cursor, id, type, time, subject, data_json FROM outbox WHERE cursor > ? "
             "ORDER BY cursor LIMIT ?", (cursor, limit)) as cur:
-            rows = await cur.fetchall()
-        return [StoredEvent(cursor=r[0], id=r[1], type=r[2], time=r[3], subject=r[4], data_json=r[5])
-                for r in rows]
+            return _events(await cur.fetchall())

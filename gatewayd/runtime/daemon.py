@@ -188,14 +188,8 @@ class Daemon:
     def _register_gauges(self) -> None:
         r = self.metrics.registry
 
-        def sessions() -> dict[tuple[tuple[str, str], ...], float]:
-            counts = {state.value: 0.0 for state in PeerState}
-            for peer in self.core.peers.values():
-                if peer.state is not None and peer.present:
-                    counts[peer.state.value] += 1
-            return {(("state", k),): v for k, v in counts.items()}
-
-        r.gauge("gatewayd_sessions", "Configured peers by state", sessions)
+        r.gauge("gatewayd_sessions", "Configured peers by state",
+                lambda: {(("state", s.value),): float(n) for s, n in self._peer_counts()[1].items()})
         r.gauge("gatewayd_quarantined_prefixes", "Prefixes in the kernel's quarantine sets",
                 lambda: float(len(self.adapters.enforcer.quarantined())))
         r.gauge("gatewayd_enforcement_healthy", "1 unless a kernel change failed and is being retried",
@@ -203,7 +197,7 @@ class Daemon:
         r.gauge("gatewayd_outbox_unpublished", "Events not yet acknowledged by the broker",
                 lambda: float(self.outbox[0]) if self.publisher else 0.0)
         r.gauge("gatewayd_outbox_oldest_age_seconds", "Age of the oldest event not yet acknowledged by the broker",
-                lambda: max(self.clock() - self.outbox[1], 0.0) if self.publisher and self.outbox[1] else 0.0)
+                self._outbox_age)
         r.gauge("gatewayd_broker_connected", "1 while connected to the MQTT broker",
                 lambda: float(bool(self.publisher and self.publisher.connected)))
         r.gauge("gatewayd_poll_interval_seconds", "Seconds between two reads of the interface (poll_interval, "
@@ -240,13 +234,21 @@ class Daemon:
             self.outbox = await self.store.outbox_stats()
             await asyncio.sleep(2.0)
 
-    def status(self) -> StatusSnapshot:
+    def _peer_counts(self) -> tuple[int, dict[PeerState, int]]:
+        """(peers on the interface, how many of them are in each state)."""
         counts = {state: 0 for state in PeerState}
         present = 0
         for peer in self.core.peers.values():
             present += peer.present
             if peer.state is not None and peer.present:
                 counts[peer.state] += 1
+        return present, counts
+
+    def _outbox_age(self) -> float:
+        return max(self.clock() - self.outbox[1], 0.0) if self.publisher and self.outbox[1] else 0.0
+
+    def status(self) -> StatusSnapshot:
+        present, counts = self._peer_counts()
         return StatusSnapshot(
             gateway_id=self.config.gateway.id, started_at=self.started_at, interface=self.config.wireguard.interface,
             peers_configured=present, authorized=counts[PeerState.AUTHORIZED],
@@ -255,8 +257,7 @@ class Daemon:
             enforcement_healthy=self.driver.enforcement_healthy, broker_configured=self.publisher is not None,
             broker_connected=bool(self.publisher and self.publisher.connected),
             outbox_unpublished=self.outbox[0] if self.publisher else 0,
-            outbox_oldest_age=(max(self.clock() - self.outbox[1], 0.0)
-                               if self.publisher and self.outbox[1] else 0.0),
+            outbox_oldest_age=self._outbox_age(),
             last_poll=self.last_poll, members=len(self.core.members), teams=len(self.core.teams))
 
     def _limits(self) -> ListenerLimits:

@@ -202,8 +202,9 @@ def _decode(block: bytes, cached: _Cached | None) -> _Cached:
                 return block, snap, around
     snap = parse_peer(block.decode())
     start = block.find(b"\ntx_bytes=")
-    if start == -1 or not block.startswith(b"\nrx_bytes=", block.find(b"\n", start + 1)):
+    rx_at = block.find(b"\n", start + 1)
+    if start == -1 or not block.startswith(b"\nrx_bytes=", rx_at):
         return block, snap, None
-    end = block.find(b"\n", block.find(b"\n", start + 1) + 1)
+    end = block.find(b"\n", rx_at + 1)
     end = len(block) if end == -1 else end
     return block, snap, (block[:start], block[end:])
