@@ -39,10 +39,15 @@ def in_namespace(ns: str, fn: object) -> None:
         raise errors[0]
 
 
+_next_port = iter(range(20000, 30000))
+
+
 def send(source: str, count: int) -> None:
+    """`count` datagrams, each from its own source port: `count` distinct flows (an ephemeral port could be
+    handed out twice, and two datagrams would then be one flow)."""
     for _ in range(count):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind((source, 0))
+            s.bind((source, next(_next_port)))
             s.sendto(b"x", ("127.0.0.1", 7))
 
 
