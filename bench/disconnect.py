@@ -38,7 +38,7 @@ import nftables
 
 from gatewayd.adapters.wireguard.uapi import UapiWireGuard
 from gatewayd.core.tracking import Snapshot, diff
-from gatewayd.lab.gateway import Gateway
+from gatewayd.lab.gateway import LabGateway
 from gatewayd.lab.netlab import UAPI_DIR, Lab, entered, keypair
 from gatewayd.v1 import control_pb2, control_pb2_grpc, types_pb2
 
@@ -142,14 +142,14 @@ async def disconnect_all_parallel(socket_path: Path, n: int, in_flight: int = 10
 POLL_INTERVAL: float | str = "auto"
 
 
-def fresh_daemon(lab: Lab, gateway: Gateway | None, keys: list[str], poll_interval: float | str | None = None
-                 ) -> Gateway:
+def fresh_daemon(lab: Lab, gateway: LabGateway | None, keys: list[str], poll_interval: float | str | None = None
+                 ) -> LabGateway:
     """A daemon with an empty store and every member enrolled (all peers authorized)."""
     if gateway is not None:
         gateway.stop()
     for f in lab.workdir.glob("state.db*"):
         f.unlink()
-    gw = Gateway(lab, wireguard={"poll_interval": poll_interval or POLL_INTERVAL})
+    gw = LabGateway(lab, wireguard={"poll_interval": poll_interval or POLL_INTERVAL})
     gw.start(timeout=120)
     asyncio.run(enroll_all(lab.workdir / "control.sock", keys))
     return gw

@@ -26,9 +26,9 @@ class JsonFormatter(logging.Formatter):
 def _run(path: Path) -> int:
     import uvloop
 
-    from gatewayd.runtime.daemon import Daemon, kernel_adapters
+    from gatewayd.daemon import Daemon, kernel_adapters
     from gatewayd.runtime.memory import freeze_when_ready
-    from gatewayd.runtime.tasks import spawn
+    from gatewayd.tasks import spawn
 
     config = load(path)
 

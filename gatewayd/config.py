@@ -11,6 +11,9 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from gatewayd.auth.device import DevicePolicy
+from gatewayd.auth.limits import AttemptPolicy
+
 
 class ConfigError(ValueError):
     def __init__(self, key: str, message: str) -> None:
@@ -119,28 +122,6 @@ class MqttSection:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DeviceSection:
-    rp_id: str = "gateway.example.net"
-    """WebAuthn relying-party id the client apps' device credentials are scoped to."""
-    origins: list[str] = field(default_factory=lambda: ["https://gateway.example.net"])
-    """Origins accepted in the assertions' client data."""
-    challenge_ttl: float = 120.0
-    """Seconds a device challenge (nonce) stays valid; at most 120."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class AuthSection:
-    max_failures: int = 10
-    """Consecutive failures per member that lock its factors."""
-    free_failures: int = 3
-    """Failures before growing delays start."""
-    base_delay: float = 1.0
-    """First delay in seconds, doubled after each further failure."""
-    max_delay: float = 60.0
-    """Longest delay in seconds."""
-
-
-@dataclass(frozen=True, kw_only=True)
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     """[gateway]"""
@@ -152,10 +133,10 @@ class Config:
     """[control]"""
     challenge: ChallengeSection = field(default_factory=ChallengeSection)
     """[challenge]"""
-    auth: AuthSection = field(default_factory=AuthSection)
-    """[auth]"""
-    device: DeviceSection = field(default_factory=DeviceSection)
-    """[device]"""
+    auth: AttemptPolicy = field(default_factory=AttemptPolicy)
+    """[auth]: attempt limits for proofs (gatewayd.auth.limits)"""
+    device: DevicePolicy = field(default_factory=DevicePolicy)
+    """[device]: WebAuthn settings for device proofs (gatewayd.auth.device)"""
     mqtt: MqttSection = field(default_factory=MqttSection)
     """[mqtt]"""
     metrics: MetricsSection = field(default_factory=MetricsSection)
@@ -188,6 +169,11 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(key, "must be a list")
         return [_convert(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if origin is tuple:  # tuple[X, ...]: a TOML array, kept immutable
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(key, "must be a list")
+        return tuple(_convert(f"{key}[{i}]", item, v) for i, v in enumerate(value))
     if origin is dict:
         _, item = typing.get_args(hint)
         if not isinstance(value, dict):

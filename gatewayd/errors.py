@@ -1,6 +1,9 @@
-"""Two error families, as in h11: the caller's bad or untimely request (answered with a status), and our bug.
+"""Error families, as in h11: the caller's bad or untimely request (`Refused`, answered with a status), the
+kernel refusing a change (`EnforcementFailed`, retried until it holds), and our own bug (`CoreBug` in the
+core, or any other exception: answered INTERNAL, never with its text).
 
-`Refused` carries a status hint named like gRPC's codes so that adapters translate it without guessing.
+`Refused` carries a status hint named like gRPC's codes so that adapters translate it without guessing, and
+the field it is about.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Refused(Exception):
         super().__init__(f"{field}: {message}" if field else message)
         self.status = status
         self.field = field
+        self.message = message
 
 
 def invalid(field: str, message: str) -> Refused:

@@ -1,12 +1,17 @@
-"""The ports: what the runtime needs from the kernel, as protocols. Adapters implement them."""
+"""The ports: what the runtime needs from the kernel and the disk, as protocols. Adapters implement them;
+the runtime sees only these."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from gatewayd.auth.backup import KdfParams
+from gatewayd.auth.limits import AttemptState
+from gatewayd.auth.totp import TotpFactor
+from gatewayd.core.model import Factor, Member, PeerRecord, Role, TeamPolicy
 from gatewayd.core.tracking import PeerSnapshot, Snapshot
 from gatewayd.scheduling import Pause, no_pause
 
@@ -78,4 +83,137 @@ class FlowTable(Protocol):
 
     async def flush(self, prefixes: Sequence[str]) -> int:
         """Delete entries from or to these prefixes; returns how many."""
+        ...
+
+
+# ---- storage -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredEvent:
+    """One event in the outbox."""
+
+    cursor: int
+    """Monotonic position."""
+    id: str
+    """UUID."""
+    type: str
+    """Dotted type."""
+    time: float
+    """Wall-clock time."""
+    subject: str
+    """Subject."""
+    data_json: str
+    """JSON details."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemberAuth:
+    """The member's verification state, read inside the driver's transaction."""
+
+    attempts: AttemptState
+    """Failure counter."""
+    reset_pending: bool
+    """An MFA reset awaits confirmation of the new factor."""
+    totp: TotpFactor | None
+    """The active TOTP factor."""
+    pending_totp: TotpFactor | None
+    """The TOTP factor enrolled after a reset, not yet confirmed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceCredential:
+    """An enrolled PIN/biometric-unlocked device key (WebAuthn credential)."""
+
+    credential_id: bytes
+    """Credential id."""
+    cose_public_key: bytes
+    """COSE_Key."""
+    sign_count: int
+    """Last sign count seen."""
+    user_handle: bytes
+    """User handle."""
+
+
+class StateStore(Protocol):
+    """Teams, members, factors, peers and idempotent answers. Writes join the driver's open transaction."""
+
+    async def load(self) -> tuple[list[TeamPolicy], list[Member], list[PeerRecord]]: ...
+    async def team_version(self, team_id: str) -> int | None: ...
+    async def save_team(self, t: TeamPolicy) -> None: ...
+    async def member_exists(self, member_id: str) -> bool: ...
+    async def owners(self, keys: Iterable[str]) -> dict[str, str]:
+        """Peer key -> member id, for the keys that belong to a member."""
+        ...
+    async def save_member(self, member_id: str, team_id: str, role: Role, peers: Iterable[str]) -> None: ...
+    async def delete_member(self, member_id: str) -> None: ...
+    async def factors(self, member_id: str) -> frozenset[Factor]: ...
+    async def member_auth(self, member_id: str) -> MemberAuth | None: ...
+    async def save_attempts(self, member_id: str, state: AttemptState) -> None: ...
+    async def set_reset_pending(self, member_id: str, pending: bool) -> None: ...
+    async def save_totp(self, member_id: str, slot: str, f: TotpFactor) -> None: ...
+    async def drop_pending_totp(self, member_id: str) -> None: ...
+    async def set_totp_step(self, member_id: str, slot: str, step: int) -> None: ...
+    async def promote_pending_totp(self, member_id: str, step: int) -> None:
+        """The new factor was used: it replaces the old one, which is invalid from now on."""
+        ...
+    async def replace_backup_set(self, member_id: str, params: KdfParams, hashes: Sequence[bytes]) -> None: ...
+    async def backup_params(self, member_id: str) -> KdfParams | None: ...
+    async def unused_backup_codes(self, member_id: str) -> list[tuple[int, bytes]]: ...
+    async def consume_backup_code(self, member_id: str, index: int, now: float) -> bool:
+        """Mark the code used; False if it already was."""
+        ...
+    async def replace_device_credentials(self, member_id: str, creds: Sequence[DeviceCredential]) -> None: ...
+    async def device_credential(self, member_id: str, credential_id: bytes) -> DeviceCredential | None: ...
+    async def set_sign_count(self, member_id: str, credential_id: bytes, count: int) -> None: ...
+    async def issue_nonce(self, nonce: bytes, public_key: str, member_id: str, now: float, ttl: float) -> None: ...
+    async def take_nonce(self, nonce: bytes, now: float) -> tuple[str, str, float] | None:
+        """Consume an unused nonce: (peer key, member id, expiry), or None if unknown or already used."""
+        ...
+    async def save_peers(self, records: Iterable[PeerRecord]) -> None: ...
+    async def forget_peers(self, keys: Iterable[str]) -> None: ...
+    async def idempotent_response(self, key: str) -> dict[str, Any] | None: ...
+    async def save_idempotent_response(self, key: str, response: dict[str, Any], now: float) -> None: ...
+
+
+class Outbox(Protocol):
+    """Events, appended in the driver's transaction, read in order by streams and the publisher."""
+
+    next_cursor: int
+    """The cursor the next appended event gets."""
+
+    async def append(self, events: Sequence[StoredEvent]) -> None:
+        """Insert events numbered from next_cursor on, and move next_cursor past them."""
+        ...
+
+    async def prune(self, keep: int, *, keep_unpublished: bool, max_unpublished: int) -> None: ...
+    async def mark_published(self, cursors: Sequence[int]) -> None: ...
+    async def unpublished(self, limit: int) -> list[StoredEvent]: ...
+    async def stats(self) -> tuple[int, float | None]:
+        """(unpublished events, time of the oldest unpublished one)."""
+        ...
+    async def events_after(self, cursor: int, limit: int = 1000) -> list[StoredEvent]: ...
+
+
+class Store(Protocol):
+    """The state and the outbox in one database: a batch writes both in one transaction."""
+
+    @property
+    def state(self) -> StateStore: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
+
+    async def begin(self) -> None: ...
+    async def commit(self) -> None: ...
+    async def rollback(self) -> None: ...
+    async def savepoint(self) -> None:
+        """Start a request's savepoint inside the batch's transaction."""
+        ...
+    async def release_savepoint(self) -> None: ...
+    async def rollback_savepoint(self) -> None:
+        """Undo everything the request wrote."""
+        ...
+    async def checkpoint(self) -> tuple[int, int]:
+        """Copy committed WAL frames to the database file: (frames in the WAL, frames copied)."""
         ...

@@ -1,13 +1,29 @@
-"""In-memory implementations of the kernel ports, for tests of the runtime and the APIs only.
+"""In-memory implementations of the kernel ports (and a job from a function), for tests of the runtime and
+the APIs only.
 The real adapters are tested against the kernel in tests/adapters and tests/e2e."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.ports import SetChange
+from gatewayd.runtime.driver import Batch
 from gatewayd.scheduling import Pause, no_pause
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CallJob(Generic[T]):
+    """A driver job made of a test's coroutine function."""
+
+    fn: Callable[[Batch], Awaitable[T]]
+
+    async def run(self, b: Batch) -> T:
+        return await self.fn(b)
 
 
 class MemoryEnforcer:

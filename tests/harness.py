@@ -14,8 +14,8 @@ import grpc
 import pyotp
 import pytest_asyncio
 
+from gatewayd.auth.limits import AttemptPolicy
 from gatewayd.config import (
-    AuthSection,
     ChallengeSection,
     Config,
     ControlSection,
@@ -23,7 +23,9 @@ from gatewayd.config import (
     MetricsSection,
     WireGuardSection,
 )
-from gatewayd.runtime.daemon import Adapters, Daemon
+from gatewayd.daemon import Adapters, Daemon
+from gatewayd.runtime.control import Heartbeat
+from gatewayd.runtime.tracker import Tracker
 from gatewayd.v1 import challenge_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 from tests.fakes import MemoryEnforcer, MemoryFlows, MemorySource
 from tests.pki import Authority, write_server_files
@@ -82,12 +84,17 @@ class Harness:
         self.channels.append(ch)
         return challenge_pb2_grpc.ChallengeServiceStub(ch)
 
+    @property
+    def tracker(self) -> Tracker:
+        assert self.daemon.tracker is not None
+        return self.daemon.tracker
+
     async def poll(self) -> None:
-        await self.daemon.poll_once()
+        await self.tracker.poll_once()
 
     async def tick(self) -> None:
         """Run the driver's timers at the current (fake) time."""
-        await self.daemon.driver.submit(self.daemon.ops.feed([]))
+        await self.daemon.driver.submit(Heartbeat())
 
     def code(self, offset_steps: int = 0, secret: bytes = SECRET) -> str:
         totp = pyotp.TOTP(base64.b32encode(secret).decode())
@@ -125,7 +132,7 @@ def config_for(tmp: Path, ca: Authority, **auth: Any) -> Config:
             authorization={"controlplane.test": ["*"], "local-ops": ["*"], "reader.test": ["ListSessions"]}),
         metrics=MetricsSection(listen="127.0.0.1:0"),
         challenge=ChallengeSection(listen=["127.0.0.1:0", "[::1]:0"]),
-        auth=AuthSection(**auth),
+        auth=AttemptPolicy(**auth),
     )
 
 

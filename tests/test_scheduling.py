@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.adapters.grpc.listeners import ListenerLimits, guarded
+from gatewayd.api.listeners import ListenerLimits, guarded
 from gatewayd.scheduling import AUTO_POLL_MAX, AUTO_POLL_MIN, AUTO_POLL_SHARE, Foreground, auto_poll_interval
 
 

@@ -19,7 +19,7 @@ import struct
 import threading
 from collections.abc import Iterator, Sequence
 
-from gatewayd.adapters.netlink import attrs, messages, nla
+from gatewayd.netlink import attrs, messages, nla
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1

@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiomqtt
 
-from gatewayd.adapters.sqlite_store import Store, StoredEvent
 from gatewayd.config import MqttSection
+from gatewayd.ports import Outbox, StoredEvent
 
 MAX_BACKOFF = 30.0  # seconds between reconnection attempts, at most
 
@@ -36,11 +36,11 @@ def cloudevent(e: StoredEvent, source: str) -> bytes:
 
 
 class OutboxPublisher:
-    def __init__(self, settings: MqttSection, gateway_id: str, store: Store,
+    def __init__(self, settings: MqttSection, gateway_id: str, outbox: Outbox,
                  mark_published: Callable[[Sequence[int]], Awaitable[None]], wake: asyncio.Event) -> None:
         self.settings = settings
         self.gateway_id = gateway_id
-        self.store = store
+        self.outbox = outbox
         self.mark_published = mark_published
         self.wake = wake
         self.connected = False
@@ -93,7 +93,7 @@ class OutboxPublisher:
         source = self.gateway_id
         while True:
             self.wake.clear()
-            batch = await self.store.unpublished(self.settings.in_flight)
+            batch = await self.outbox.unpublished(self.settings.in_flight)
             if not batch:
                 try:
                     await asyncio.wait_for(self.wake.wait(), 1.0)

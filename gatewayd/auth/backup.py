@@ -7,6 +7,8 @@ import hmac
 import re
 from dataclasses import dataclass
 
+from gatewayd.auth.fields import FieldError
+
 _ALLOWED = re.compile(r"[A-Za-z0-9 \-]{6,64}\Z", re.ASCII)
 
 # Bounds that keep one KDF evaluation affordable on a gateway (memory = 128 * n * r bytes <= 32 MiB).
@@ -29,10 +31,8 @@ class KdfParams:
     """Derived key length."""
 
 
-class BackupSetError(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
+class BackupSetError(FieldError):
+    pass
 
 
 def validate_set(params: KdfParams, hashes: list[bytes]) -> None:

@@ -30,6 +30,16 @@ ALGORITHMS = {
 NONCE_BYTES = 32
 
 
+@dataclass(frozen=True, kw_only=True)
+class DevicePolicy:
+    rp_id: str = "gateway.example.net"
+    """WebAuthn relying-party id the client apps' device credentials are scoped to."""
+    origins: tuple[str, ...] = ("https://gateway.example.net",)
+    """Origins accepted in the assertions' client data."""
+    challenge_ttl: float = 120.0
+    """Seconds a device challenge (nonce) stays valid; at most 120."""
+
+
 class KeyError_(ValueError):
     """A device credential's public key is unusable."""
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import pyotp
 
+from gatewayd.auth.fields import FieldError
+
 MIN_SECRET_BYTES = 16  # 128 bits, RFC 4226 section 4 R6
 _CODE = re.compile(r"[0-9]{6,8}\Z", re.ASCII)
 
@@ -38,10 +40,12 @@ class TotpFactor:
                 f"last_step={self.last_step}, secret=<{len(self.secret)} bytes>)")
 
 
-class EnrollmentError(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
+class EnrollmentError(FieldError):
+    pass
+
+
+DIGITS = (6, 8)
+"""The code lengths an enrollment may choose."""
 
 
 def validate_enrollment(secret: bytes, algorithm: Algorithm, digits: int, period: int) -> None:
@@ -49,7 +53,7 @@ def validate_enrollment(secret: bytes, algorithm: Algorithm, digits: int, period
         raise EnrollmentError("totp.secret", f"must be at least {MIN_SECRET_BYTES} bytes (128 bits)")
     if len(secret) > 128:
         raise EnrollmentError("totp.secret", "must be at most 128 bytes")
-    if digits not in (6, 8):
+    if digits not in DIGITS:
         raise EnrollmentError("totp.digits", "must be 6 or 8")
     if not 15 <= period <= 300:
         raise EnrollmentError("totp.period_seconds", "must be between 15 and 300")

@@ -88,13 +88,3 @@ class Publish(Command):
     """"member/<id>", "peer/<key>" or "team/<id>"."""
     data: dict[str, Any]
     """JSON-serialisable details; never secrets."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Reply(Command):
-    """The answer to the event that carried `request_id`."""
-
-    request_id: int
-    """The waiting caller's id."""
-    value: Any
-    """The answer."""

@@ -9,8 +9,7 @@ from gatewayd.core.model import Factor, Member, TeamPolicy
 
 @dataclass(frozen=True, kw_only=True)
 class Event:
-    request_id: int | None = None
-    """Set when a caller waits for a `Reply` to this event."""
+    """An input to the core."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -116,7 +116,7 @@ class Member:
 
 @dataclass(kw_only=True)
 class Peer:
-    """One WireGuard peer as the core tracks it. Mutated only by `core.session`."""
+    """One WireGuard peer as the core tracks it. Mutated only by `core.state`."""
 
     public_key: str
     """WireGuard public key, canonical base64."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import pyotp
 
-from gatewayd.lab.gateway import Gateway
+from gatewayd.lab.gateway import LabGateway
 from gatewayd.lab.netlab import GATEWAY_TUNNEL_IP, SERVER_IP, Lab, LabPeer
 from gatewayd.v1 import control_pb2, types_pb2
 
@@ -88,7 +88,7 @@ def run_demo(lab: Lab) -> None:
     alice, bob = lab.peers
     say(f"lab up: gateway, server {SERVER_IP}, two peers with their own wireguard-go",
         took=time.monotonic() - started)
-    gw = Gateway(lab)
+    gw = LabGateway(lab)
     ready = gw.start()
     say("gatewayd running (config/gatewayd.toml defaults), nftables reconciled, READY=1 to systemd", took=ready)
     ctl = gw.control()

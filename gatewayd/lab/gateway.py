@@ -28,7 +28,7 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(type(v))
 
@@ -50,7 +50,7 @@ def dump_toml(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-class Gateway:
+class LabGateway:
     """gatewayd as a process in the lab."""
 
     def __init__(self, lab: Lab, **overrides: dict[str, Any]) -> None:

@@ -4,6 +4,10 @@ It takes jobs from one queue in order and drains what has queued up into a batch
 transaction (each job in a savepoint, so a refused job leaves nothing), and its commands are executed
 together: quarantine additions, session resets and flow flushes first, then the commit (state and outbox),
 then releases, then the waiting callers are answered. Acknowledged therefore means enforced and committed.
+
+A job is an object with `async run(batch) -> T` (gatewayd.runtime.control and .proofs hold them); `submit`
+returns that T to the caller. Jobs reach the core only through the Batch, and the kernel and the disk only
+through the ports.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
 
-from gatewayd.adapters.sqlite_store import Store, StoredEvent
+from gatewayd.auth.device import DevicePolicy
+from gatewayd.auth.limits import AttemptPolicy
 from gatewayd.core import events as ev
 from gatewayd.core.commands import (
     Command,
@@ -27,17 +32,16 @@ from gatewayd.core.commands import (
     Publish,
     Quarantine,
     Release,
-    Reply,
     ResetPeerSession,
     SavePeer,
     Track,
     Untrack,
 )
 from gatewayd.core.model import PeerRecord
-from gatewayd.core.session import Gateway
+from gatewayd.core.state import GatewayState
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.errors import EnforcementFailed, Refused
-from gatewayd.ports import Enforcer, FlowTable, PeerSource, SetChange
+from gatewayd.ports import Enforcer, FlowTable, Outbox, PeerSource, SetChange, StateStore, Store, StoredEvent
 from gatewayd.scheduling import Foreground
 
 log = logging.getLogger(__name__)
@@ -45,42 +49,58 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 20_000
 
 
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+E = TypeVar("E", bound=ev.Event)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSettings:
+    """What jobs need from the configuration (swapped as a whole on reload)."""
+
+    attempts: AttemptPolicy = field(default_factory=AttemptPolicy)
+    """Attempt limits for proofs."""
+    device: DevicePolicy = field(default_factory=DevicePolicy)
+    """WebAuthn settings for device proofs."""
+
+
 class Batch:
-    """What the jobs of one batch produce. Handed to each job."""
+    """What the jobs of one batch see and produce: the core, the state store and the outbox inside the open
+    transaction, the batch's `now`, and the commands the core returned."""
 
-    def __init__(self, core: Gateway, store: Store, now: float) -> None:
-        self.core, self.store, self.now = core, store, now
+    def __init__(self, core: GatewayState, state: StateStore, outbox: Outbox, now: float, settings: JobSettings
+                 ) -> None:
+        self.core, self.state, self.outbox, self.now, self.settings = core, state, outbox, now, settings
         self.commands: list[Command] = []
-        self._next_request = 0
+        self.fed = 0
+        """Events handed to the core so far (a refusal must come before the first)."""
 
-    def feed(self, event: ev.Event) -> Any:
-        """Hand an event to the core; returns the core's Reply value for it, if any."""
-        self._next_request += 1
-        rid = self._next_request
-        commands = self.core.handle(_with_request(event, rid), self.now)
-        reply = None
-        for cmd in commands:
-            if isinstance(cmd, Reply) and cmd.request_id == rid:
-                reply = cmd.value
-            else:
-                self.commands.append(cmd)
-        return reply
+    def feed(self, event: ev.Event) -> None:
+        """Hand an event to the core; its commands join the batch."""
+        self.fed += 1
+        self.commands += self.core.handle(event, self.now)
+
+    def ask(self, handler: Callable[[E, float], tuple[T, list[Command]]], event: E) -> T:
+        """Hand a request to one of the core's answering handlers (e.g. `core.disconnect`); returns its answer."""
+        self.fed += 1
+        answer, commands = handler(event, self.now)
+        self.commands += commands
+        return answer
 
     def publish(self, type_: str, subject: str, **data: Any) -> None:
         self.commands.append(Publish(type=type_, subject=subject, data=data))
 
 
-def _with_request(event: ev.Event, rid: int) -> ev.Event:
-    return replace(event, request_id=rid)
+class Job(Protocol[T_co]):
+    """One unit of work the driver runs inside a batch; its result is the caller's answer."""
 
-
-Job = Callable[[Batch], Awaitable[Any]]
+    async def run(self, b: Batch) -> T_co: ...
 
 
 @dataclass
-class _Queued:
-    job: Job
-    future: asyncio.Future[Any]
+class _Queued(Generic[T]):
+    job: Job[T]
+    future: asyncio.Future[T]
 
 
 class EventSubscription:
@@ -107,15 +127,30 @@ class Watchers:
     peers: dict[str, set[asyncio.Queue[None]]] = field(default_factory=dict)
 
 
+class PeerSpecs(Protocol):
+    """Where the driver finds a peer's full WireGuard configuration for a key reset (the tracker)."""
+
+    @property
+    def has_read(self) -> bool:
+        """The interface was read at least once: `spec` answers from a real read."""
+        ...
+
+    def spec(self, public_key: str) -> PeerSnapshot | None:
+        """The peer as last read from the interface, or None if the last read did not list it."""
+        ...
+
+
 class Driver:
     def __init__(
         self,
-        core: Gateway,
+        core: GatewayState,
         store: Store,
         enforcer: Enforcer,
         source: PeerSource | None,
         flows: FlowTable | None,
         *,
+        specs: PeerSpecs | None = None,
+        settings: JobSettings | None = None,
         clock: Callable[[], float] = time.time,
         event_retention: int = 100_000,
         keep_unpublished: bool = False,
@@ -130,20 +165,24 @@ class Driver:
         self.events_appended = asyncio.Event()
         """Set whenever a batch committed events (the MQTT publisher waits on it)."""
         self.watchers = Watchers()
-        self.snapshot: dict[str, PeerSnapshot] = {}
+        self.specs = specs
+        self.settings = settings or JobSettings()
+        self.pending_resets: set[str] = set()
+        """Peers whose session keys must be dropped once the interface was read (their configuration is not
+        known yet: a reset re-adds a peer with it, so guessing would lose its endpoint or preshared key)."""
         self.batches = 0
         """Batches executed; the watchdog checks that it moves."""
         self.enforcement_healthy = True
         self.last_batch: dict[str, float] = {}
         """Seconds spent in each phase of the latest batch (jobs, tighten, reset, flush, commit, loosen)."""
-        self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Queued[Any]] = asyncio.Queue()
         self._batch_lock = asyncio.Lock()
         self.foreground = Foreground()
         """Submitted jobs (and the RPC listeners' calls) are foreground work; polls give way to them."""
 
-    async def submit(self, job: Job) -> Any:
+    async def submit(self, job: Job[T]) -> T:
         """Run `job` in the next batch; returns its result once its effects are enforced and committed."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         with self.foreground.running():
             await self._queue.put(_Queued(job, fut))
             # The caller may give up (deadline); the job still runs to completion in its batch.
@@ -173,28 +212,28 @@ class Driver:
         wait = max(deadline - self.clock(), 0.0)
         return wait if retry is None else min(wait, retry)
 
-    async def _next(self, wait: float | None) -> _Queued | None:
+    async def _next(self, wait: float | None) -> _Queued[Any] | None:
         """The next job, or None when `wait` seconds passed first (a timer is due)."""
         try:
             return await asyncio.wait_for(self._queue.get(), wait)
         except TimeoutError:
             return None
 
-    async def process(self, queued: list[_Queued]) -> None:
+    async def process(self, queued: list[_Queued[Any]]) -> None:
         started = time.perf_counter()
         now = self.clock()
-        batch = Batch(self.core, self.store, now)
+        batch = Batch(self.core, self.store.state, self.store.outbox, now, self.settings)
         results: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
         await self.store.begin()
         try:
             for item in queued:
-                mark = len(batch.commands)
-                fed = batch._next_request
+                mark = batch.fed
                 await self.store.savepoint()
                 try:
-                    value = await item.job(batch)
+                    value = await item.job.run(batch)
                 except Refused as exc:
-                    if batch._next_request != fed or len(batch.commands) != mark:
+                    # Refusals come before a job feeds the core: its writes are undone, the core's cannot be.
+                    if batch.fed != mark:
                         raise RuntimeError("a job refused after it changed the core") from exc
                     await self.store.rollback_savepoint()
                     results.append((item.future, exc, None))
@@ -223,7 +262,7 @@ class Driver:
     async def _execute(self, batch: Batch) -> EnforcementFailed | None:
         adds: dict[str, bool] = {}
         tracks: dict[str, bool] = {}
-        resets: list[PeerSnapshot] = []
+        resets_wanted: list[str] = []
         flushes: list[str] = []
         saves: dict[str, PeerRecord] = {}
         forgets: list[str] = []
@@ -239,9 +278,7 @@ class Driver:
                 case Untrack():
                     tracks.update(dict.fromkeys(cmd.prefixes, False))
                 case ResetPeerSession():
-                    snap = self.snapshot.get(cmd.public_key)
-                    if snap is not None:
-                        resets.append(snap)
+                    resets_wanted.append(cmd.public_key)
                 case FlushFlows():
                     flushes.extend(cmd.prefixes)
                 case SavePeer():
@@ -253,6 +290,7 @@ class Driver:
                     publishes.append(cmd)
                 case _:
                     raise RuntimeError(f"unexpected command {cmd!r}")
+        resets = self._reset_specs(resets_wanted)
         held, tracked = self.enforcer.quarantined(), self.enforcer.tracked()
         # Tightening (quarantine, untrack) is enforced before the commit, loosening after it.
         tighten = SetChange(quarantine=[p for p, on in adds.items() if on and p not in held],
@@ -289,20 +327,20 @@ class Driver:
 
         cut_task = asyncio.ensure_future(cut())
         # Serialising events is CPU work: it overlaps with the kernel work of cut() (socket I/O).
-        events = [StoredEvent(cursor=self.store.next_cursor + i, id=str(uuid.uuid4()), type=p.type, time=batch.now,
+        outbox = self.store.outbox
+        events = [StoredEvent(cursor=outbox.next_cursor + i, id=str(uuid.uuid4()), type=p.type, time=batch.now,
                               subject=p.subject, data_json=json.dumps(p.data, sort_keys=True))
                   for i, p in enumerate(publishes)]
 
         async def persist() -> None:
             if saves:
-                await self.store.save_peers(saves.values())
+                await self.store.state.save_peers(saves.values())
             if forgets:
-                await self.store.forget_peers(forgets)
+                await self.store.state.forget_peers(forgets)
             if events:
-                await self.store.append_events(events)
-                self.store.next_cursor += len(events)
-                await self.store.prune_outbox(self.event_retention, keep_unpublished=self.keep_unpublished,
-                                              max_unpublished=self.max_unpublished)
+                await outbox.append(events)
+                await outbox.prune(self.event_retention, keep_unpublished=self.keep_unpublished,
+                                   max_unpublished=self.max_unpublished)
             await self.store.commit()
 
         cut_result, persisted = await asyncio.gather(cut_task, persist(), return_exceptions=True)
@@ -330,6 +368,31 @@ class Driver:
         touched = set(saves) | {e.subject.removeprefix("peer/") for e in events if e.subject.startswith("peer/")}
         self._notify(events, touched)
         return failure
+
+    def _reset_specs(self, keys: Iterable[str]) -> list[PeerSnapshot]:
+        """The full configuration of each peer to reset; a peer never read yet waits in pending_resets."""
+        specs: list[PeerSnapshot] = []
+        for key in keys:
+            if self.specs is None or not self.specs.has_read:
+                self.pending_resets.add(key)
+                continue
+            self.pending_resets.discard(key)
+            spec = self.specs.spec(key)
+            if spec is not None:  # not on the interface: no session to cut
+                specs.append(spec)
+        if self.pending_resets:
+            log.warning("session reset of %d peers waits for a read of the interface (their endpoint and "
+                        "preshared key are not known yet); the quarantine holds meanwhile",
+                        len(self.pending_resets))
+        return specs
+
+    async def reset_pending(self) -> None:
+        """Drop the session keys of peers whose reset waited for their configuration (after a read)."""
+        if not self.pending_resets or self.source is None:
+            return
+        specs = self._reset_specs(sorted(self.pending_resets))
+        if specs:
+            await self.source.reset_sessions(specs)
 
     async def retry_reconcile(self) -> None:
         try:

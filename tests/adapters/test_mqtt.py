@@ -38,7 +38,7 @@ async def test_cloudevents_on_topics_and_retained_status(tmp_path: Path) -> None
             e = events(sub.messages, "member.upserted")[0]
             assert e["specversion"] == "1.0" and e["source"] == "gw-test" and e["subject"] == "member/alice"
             assert e["type"] == "member.upserted" and str(e["time"]).endswith("Z") and isinstance(e["data"], dict)
-            rows = await h.daemon.store.events_after(0)
+            rows = await h.daemon.store.outbox.events_after(0)
             assert e["id"] in {r.id for r in rows}
         finally:
             await stop(h)
@@ -54,8 +54,8 @@ async def test_broker_outage_during_100_changes_loses_nothing(tmp_path: Path) ->
             b.stop()
             for _ in range(100):
                 await h.local().UnlockMfa(control_pb2.UnlockMfaRequest(member_id="alice"))
-            ids = [r.id for r in await h.daemon.store.events_after(0, 10_000) if r.type == "factor.unlocked"]
-            assert len(ids) == 100 and (await h.daemon.store.outbox_stats())[0] >= 100  # nothing left yet
+            ids = [r.id for r in await h.daemon.store.outbox.events_after(0, 10_000) if r.type == "factor.unlocked"]
+            assert len(ids) == 100 and (await h.daemon.store.outbox.stats())[0] >= 100  # nothing left yet
             b.start()
             await sub.wait_for(lambda ms: len(events(ms, "factor.unlocked")) >= 100, seconds=60)
             got = [str(e["id"]) for e in events(sub.messages, "factor.unlocked")]
@@ -75,13 +75,13 @@ async def test_daemon_stopped_before_puback_redelivers_with_the_same_id(tmp_path
             await sub.wait_for(lambda ms: events(ms, "member.upserted"))
             b.pause()  # the broker reads nothing and acknowledges nothing
             await h.local().ResetMfa(control_pb2.ResetMfaRequest(member_id="alice"))
-            (pending,) = [r for r in await h.daemon.store.unpublished(100) if r.type == "mfa_reset.requested"]
+            (pending,) = [r for r in await h.daemon.store.outbox.unpublished(100) if r.type == "mfa_reset.requested"]
         finally:
             await stop(h)  # gone before any PUBACK
         b.resume()
         h = await start(tmp_path, ca, config=config, source=source)
         try:
-            assert [r.id for r in await h.daemon.store.unpublished(100)][:1] in ([pending.id], [])
+            assert [r.id for r in await h.daemon.store.outbox.unpublished(100)][:1] in ([pending.id], [])
             await sub.wait_for(lambda ms: events(ms, "mfa_reset.requested"))
             got = events(sub.messages, "mfa_reset.requested")
             assert {e["id"] for e in got} == {pending.id}  # at least once, always with the same id
@@ -93,7 +93,7 @@ async def test_daemon_stopped_before_puback_redelivers_with_the_same_id(tmp_path
 async def _until_empty(h: Harness) -> None:
     """The outbox drains once the broker acknowledged everything."""
     for _ in range(200):
-        if (await h.daemon.store.outbox_stats())[0] == 0:
+        if (await h.daemon.store.outbox.stats())[0] == 0:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("outbox not drained")

@@ -13,12 +13,47 @@ import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
 
 from gatewayd.adapters.wireguard.kernel import decode_device
-from gatewayd.adapters.wireguard.uapi import UapiWireGuard, parse_get, reset_request
+from gatewayd.adapters.wireguard.uapi import UapiWireGuard, reset_request
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.lab.netlab import UAPI_DIR, Lab, keypair, run
 
+Counters = dict[str, tuple[int, int]]
 
-def test_parse_get_answer() -> None:
+
+async def read_answers(sock: Path, answers: list[str], piece: int = 7
+                       ) -> list[tuple[dict[str, PeerSnapshot], Counters]]:
+    """Each answer read by one UapiWireGuard (the daemon's decoder, with its cache) from a UAPI socket that
+    writes in `piece`-byte pieces (the terminating empty line split too), with the byte counters as they were
+    right after that read (they are updated in place by later reads)."""
+    pending = list(answers)
+    handlers: list[asyncio.Task[Any] | None] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())
+        assert await reader.readuntil(b"\n\n") == b"get=1\n\n"
+        data = pending.pop(0).encode()
+        for i in range(0, len(data), piece):
+            writer.write(data[i:i + piece])
+            await writer.drain()
+        await reader.read()  # the client closes
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_unix_server(serve, path=str(sock))
+    try:
+        source = UapiWireGuard(sock)
+        out = []
+        for _ in answers:
+            peers = await source.read()
+            out.append((peers, {k: (p.rx_bytes, p.tx_bytes) for k, p in peers.items()}))
+        return out
+    finally:
+        server.close()
+        await asyncio.gather(*(t for t in handlers if t is not None))
+        sock.unlink(missing_ok=True)
+
+
+async def test_uapi_get_answer_decodes(tmp_path: Path) -> None:
     key = bytes(range(32))
     text = (f"private_key={'11' * 32}\nlisten_port=51820\npublic_key={key.hex()}\npreshared_key={'22' * 32}\n"
             "protocol_version=1\nendpoint=[2001:db8::1]:4000\nlast_handshake_time_sec=1700000000\n"
@@ -26,7 +61,7 @@ def test_parse_get_answer() -> None:
             "allowed_ip=10.0.0.2/32\nallowed_ip=fd00::2/128\n"
             f"public_key={'33' * 32}\nlast_handshake_time_sec=0\nlast_handshake_time_nsec=0\n"
             f"preshared_key={'00' * 32}\nerrno=0\n\n")
-    peers = parse_get(text)
+    ((peers, _),) = await read_answers(tmp_path / "wg0.sock", [text])
     p = peers[base64.b64encode(key).decode()]
     assert p.endpoint == "[2001:db8::1]:4000" and p.allowed_ips == ("10.0.0.2/32", "fd00::2/128")
     assert p.last_handshake == 1700000000.5 and (p.rx_bytes, p.tx_bytes, p.keepalive) == (20, 10, 25)
@@ -61,38 +96,16 @@ def _answer(handshake: int, tx: int, rx: int, allowed: str = "10.0.0.2/32") -> s
 
 async def test_uapi_reader_reuses_what_did_not_change(tmp_path: Path) -> None:
     """Against a UAPI socket that writes its answers in 7-byte pieces (the terminating empty line split too):
-    each read equals a full parse of the answer, counters included, whatever changed between reads; a peer
-    whose counters alone changed keeps its snapshot object (counters are updated in place)."""
+    each read equals a full parse of the answer by a fresh reader, counters included, whatever changed between
+    reads; a peer whose counters alone changed keeps its snapshot object (counters are updated in place)."""
     answers = [_answer(1700000000, 10, 20), _answer(1700000000, 10, 20), _answer(1700000000, 15, 90),
                _answer(1700000130, 16, 95), _answer(1700000130, 17, 99, allowed="10.0.0.9/32")]
-    pending = list(answers)
-    handlers: list[asyncio.Task[Any] | None] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handlers.append(asyncio.current_task())
-        assert await reader.readuntil(b"\n\n") == b"get=1\n\n"
-        data = pending.pop(0).encode()
-        for i in range(0, len(data), 7):
-            writer.write(data[i:i + 7])
-            await writer.drain()
-        await reader.read()  # the client closes
-        writer.close()
-        await writer.wait_closed()
-
-    server = await asyncio.start_unix_server(serve, path=str(tmp_path / "wg0.sock"))
-    try:
-        source = UapiWireGuard(tmp_path / "wg0.sock")
-        reads, counters = [], []
-        for _ in answers:
-            reads.append(await source.read())
-            counters.append({k: (p.rx_bytes, p.tx_bytes) for k, p in reads[-1].items()})
-    finally:
-        server.close()
-        await asyncio.gather(*(t for t in handlers if t is not None))
+    done = await read_answers(tmp_path / "wg0.sock", answers)
+    reads, counters = [r for r, _ in done], [c for _, c in done]
     key, idle = base64.b64encode(b"\x44" * 32).decode(), base64.b64encode(b"\x55" * 32).decode()
     for got, seen, text in zip(reads, counters, answers, strict=True):
-        expected = parse_get(text)
-        assert got == expected and seen == {k: (p.rx_bytes, p.tx_bytes) for k, p in expected.items()}
+        ((expected, expected_counters),) = await read_answers(tmp_path / "fresh.sock", [text], piece=1 << 20)
+        assert got == expected and seen == expected_counters  # a fresh reader (no cache) parses all of it
     assert reads[1][key] is reads[0][key]  # unchanged: not parsed again
     assert reads[2][key] is reads[1][key] and counters[2][key] == (90, 15)  # counters only
     assert reads[3][key] is not reads[2][key] and reads[3][key].last_handshake == 1700000130  # a handshake too

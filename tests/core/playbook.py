@@ -1,13 +1,11 @@
-"""Playbook helpers: feed events to a Gateway at given times and look at the commands that come out."""
+"""Playbook helpers: feed events to a GatewayState at given times and look at the commands that come out."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from gatewayd.core import events as ev
-from gatewayd.core.commands import Command, Publish, Quarantine, Release, Reply, ResetPeerSession
+from gatewayd.core.commands import Command, Publish, Quarantine, Release, ResetPeerSession
 from gatewayd.core.model import Factor, Member, Role, Roles, Scope, TeamPolicy
-from gatewayd.core.session import CoreConfig, Gateway
+from gatewayd.core.state import CoreConfig, DisconnectOutcome, GatewayState
 
 K1, K2, K3 = "peer-one", "peer-two", "peer-three"
 
@@ -25,7 +23,7 @@ def member(mid: str = "alice", peers: tuple[str, ...] = (K1,), factors: frozense
 
 class Play:
     def __init__(self, *, quarantine_unknown: bool = True) -> None:
-        self.gw = Gateway(CoreConfig(quarantine_unknown_peers=quarantine_unknown))
+        self.gw = GatewayState(CoreConfig(quarantine_unknown_peers=quarantine_unknown))
         self.now = 1_000_000.0
         self.log: list[Command] = []
 
@@ -36,6 +34,21 @@ class Play:
         self.log += out
         return out
 
+    def disconnect(self, event: ev.DisconnectRequested, at: float | None = None
+                   ) -> tuple[DisconnectOutcome, list[Command]]:
+        """A Disconnect and the answer its caller gets."""
+        if at is not None:
+            self.now = at
+        answer, out = self.gw.disconnect(event, self.now)
+        self.log += out
+        return answer, out
+
+    def prove(self, event: ev.ProofAccepted) -> tuple[bool, list[Command]]:
+        """A verified proof and whether it counted."""
+        answer, out = self.gw.accept_proof(event, self.now)
+        self.log += out
+        return answer, out
+
     def timer(self, at: float) -> list[Command]:
         self.now = at
         out = self.gw.handle_timer(at)
@@ -45,12 +58,6 @@ class Play:
     def state(self, key: str = K1) -> str | None:
         s = self.gw.peers[key].state
         return s.value if s else None
-
-
-def reply(out: list[Command]) -> Any:
-    """The value of the single Reply in `out`."""
-    (value,) = [c.value for c in out if isinstance(c, Reply)]
-    return value
 
 
 def kinds(out: list[Command]) -> list[str]:

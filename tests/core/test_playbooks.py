@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from gatewayd.core import events as ev
-from gatewayd.core.commands import FlushFlows, Publish, Reply
+from gatewayd.core.commands import FlushFlows, Publish
 from gatewayd.core.model import Factor, PeerState, ProofKind, Role, Roles, Scope
-from gatewayd.core.session import REJECT_AFTER_TIME, TRANSITIONS, CoreBug, DisconnectOutcome, Trigger
-from tests.core.playbook import K1, K2, Play, kinds, member, published, quarantined, released, reply, resets, team
+from gatewayd.core.state import REJECT_AFTER_TIME, TRANSITIONS, CoreBug, DisconnectOutcome, Trigger
+from tests.core.playbook import K1, K2, Play, member, published, quarantined, released, resets, team
 
 IP1, IP2 = "10.0.0.2/32", "10.0.0.3/32"
 
@@ -48,12 +48,11 @@ def test_unknown_peer_allowed_by_config() -> None:
 def test_disconnect_quarantines_resets_and_flushes_then_totp_releases() -> None:
     play = Play()
     connected(play)
-    out = play(ev.DisconnectRequested(member_id="alice", reason="siem", request_id=7))
+    answer, out = play.disconnect(ev.DisconnectRequested(member_id="alice", reason="siem"))
     assert quarantined(out) == {IP1}
     assert resets(out) == [K1]
     assert any(isinstance(c, FlushFlows) and c.prefixes == (IP1,) for c in out)
     assert "disconnect.executed" in published(out)
-    answer = reply(out)
     assert answer.sessions_cut == 1 and answer.peers_quarantined == 1 and answer.cause is None
     assert any("will not prompt" in w for w in answer.warnings)
     assert play.gw.peers[K1].owes == {ProofKind.OTP}
@@ -65,19 +64,19 @@ def test_disconnect_quarantines_resets_and_flushes_then_totp_releases() -> None:
 
 def test_disconnect_causes() -> None:
     play = Play()
-    out = play(ev.DisconnectRequested(member_id="ghost", request_id=1))
-    assert reply(out) == DisconnectOutcome(
+    answer, _ = play.disconnect(ev.DisconnectRequested(member_id="ghost"))
+    assert answer == DisconnectOutcome(
         sessions_cut=0, peers_quarantined=0, cause="unknown_subject", warnings=())
     play(ev.MemberUpserted(member=member(peers=())))
-    out = play(ev.DisconnectRequested(member_id="alice", request_id=2))
-    assert reply(out).cause == "session_context_not_found"
+    answer, _ = play.disconnect(ev.DisconnectRequested(member_id="alice"))
+    assert answer.cause == "session_context_not_found"
 
 
 def test_disconnect_of_absent_mapped_peer_holds_when_it_appears() -> None:
     play = Play()
     play(ev.MemberUpserted(member=member()))
-    out = play(ev.DisconnectRequested(member_id="alice", request_id=1))
-    assert reply(out).peers_quarantined == 1
+    answer, out = play.disconnect(ev.DisconnectRequested(member_id="alice"))
+    assert answer.peers_quarantined == 1
     assert resets(out) == []
     out = play(ev.PeerConfigured(public_key=K1, allowed_ips=(IP1,)))
     assert quarantined(out) == {IP1} and play.state() == "quarantined"
@@ -87,8 +86,8 @@ def test_proof_older_than_demand_is_refused() -> None:
     play = Play()
     connected(play)
     play(ev.DisconnectRequested(member_id="alice"), at=2_000_000.0)
-    out = play(ev.ProofAccepted(public_key=K1, factor=Factor.TOTP, verified_at=1_999_999.0, request_id=3))
-    assert [c.value for c in out if isinstance(c, Reply)] == [False]
+    counted, _ = play.prove(ev.ProofAccepted(public_key=K1, factor=Factor.TOTP, verified_at=1_999_999.0))
+    assert counted is False
     assert play.state() == "quarantined"
 
 
@@ -104,8 +103,7 @@ def test_second_disconnect_renews_the_demand() -> None:
 def test_disconnect_of_member_without_factor_locks_with_reason() -> None:
     play = Play()
     connected(play, factors=frozenset())
-    out = play(ev.DisconnectRequested(member_id="alice", request_id=1))
-    answer = reply(out)
+    answer, out = play.disconnect(ev.DisconnectRequested(member_id="alice"))
     assert play.state() == "locked" and play.gw.peers[K1].locked_reason.value == "no_factor"  # type: ignore[union-attr]
     assert any("no_factor" in w for w in answer.warnings)
     # Enrolling a factor turns the lock into an ordinary quarantine that the member can pay.
@@ -186,8 +184,8 @@ def test_policy_scope_and_roles() -> None:
 def test_policy_turned_on_quarantines_unproven_sessions() -> None:
     play = Play()
     connected(play, peers=(K1, K2))
-    out = play(ev.TeamPolicyApplied(policy=team(2, totp=True), request_id=5))
-    assert reply(out).peers_quarantined == 2
+    answer, _ = play.gw.apply_policy(ev.TeamPolicyApplied(policy=team(2, totp=True)), play.now)
+    assert answer.peers_quarantined == 2
     assert play.state(K1) == play.state(K2) == "quarantined"
 
 
@@ -255,8 +253,8 @@ def test_endpoint_change_is_published() -> None:
 def test_proof_for_nothing_owed_changes_nothing() -> None:
     play = Play()
     connected(play)
-    out = play(ev.ProofAccepted(public_key=K1, factor=Factor.TOTP, verified_at=play.now, request_id=1))
-    assert kinds(out) == ["Reply"] and play.state() == "authorized"
+    counted, out = play.prove(ev.ProofAccepted(public_key=K1, factor=Factor.TOTP, verified_at=play.now))
+    assert counted is False and out == [] and play.state() == "authorized"
 
 
 def test_transition_table_has_one_way_out_of_quarantine() -> None:
@@ -271,12 +269,12 @@ def test_unknown_event_is_a_bug() -> None:
 
 
 def test_restore_rebuilds_state_and_timers() -> None:
-    from gatewayd.core.session import Gateway, record_of
+    from gatewayd.core.state import GatewayState, record_of
 
     play = Play()
     connected(play, policy_totp=True)
     records = [record_of(p) for p in play.gw.peers.values()]
-    fresh = Gateway()
+    fresh = GatewayState()
     fresh.restore(play.gw.teams.values(), play.gw.members.values(), records)
     assert fresh.enforced_prefixes() == play.gw.enforced_prefixes() == {IP1}
     assert fresh.peers[K1].owes == {ProofKind.OTP}
@@ -287,9 +285,8 @@ def test_team_disconnect_covers_every_member() -> None:
     connected(play)
     play(ev.MemberUpserted(member=member("bob", peers=(K2,))))
     play(ev.PeerConfigured(public_key=K2, allowed_ips=(IP2,)))
-    out = play(ev.DisconnectRequested(team_id="t", reason="incident", request_id=9))
-    answer = reply(out)
+    answer, out = play.disconnect(ev.DisconnectRequested(team_id="t", reason="incident"))
     assert answer.peers_quarantined == 2 and quarantined(out) == {IP1, IP2}
     assert [c.subject for c in out if isinstance(c, Publish) and c.type == "disconnect.executed"] == [
         "member/alice", "member/bob"]
-    assert reply(play(ev.DisconnectRequested(team_id="nobody", request_id=10))).cause == "unknown_subject"
+    assert play.disconnect(ev.DisconnectRequested(team_id="nobody"))[0].cause == "unknown_subject"

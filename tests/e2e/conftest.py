@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.lab.gateway import Gateway
+from gatewayd.lab.gateway import LabGateway
 from gatewayd.lab.netlab import SERVER_IP, Lab, LabPeer, run
 from tests.conftest import kernel_missing
 
@@ -35,10 +35,10 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
-def gateway(lab: Lab) -> Iterator[Gateway]:
+def gateway(lab: Lab) -> Iterator[LabGateway]:
     for f in lab.workdir.glob("state.db*"):
         f.unlink()
-    gw = Gateway(lab)
+    gw = LabGateway(lab)
     gw.start()
     try:
         yield gw

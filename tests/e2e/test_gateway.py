@@ -12,7 +12,7 @@ import pyotp
 import pytest
 
 from gatewayd.lab.authenticator import SoftAuthenticator
-from gatewayd.lab.gateway import Gateway
+from gatewayd.lab.gateway import LabGateway
 from gatewayd.lab.netlab import GATEWAY_TUNNEL_IP, SERVER_IP, Lab, LabPeer, run
 from gatewayd.v1 import control_pb2, types_pb2
 from tests.e2e.conftest import TCP, UDP, Agent, Sink
@@ -27,24 +27,24 @@ def code() -> str:
     return str(pyotp.TOTP(base64.b32encode(SECRET).decode()).now())
 
 
-def enroll(gw: Gateway, member: str, peer: LabPeer, team: str = "blue") -> None:
+def enroll(gw: LabGateway, member: str, peer: LabPeer, team: str = "blue") -> None:
     gw.control().UpsertMember(control_pb2.UpsertMemberRequest(
         member_id=member, team_id=team, role=types_pb2.MEMBER_ROLE_MEMBER, peer_public_keys=[peer.public_key],
         totp=control_pb2.TotpEnrollment(secret=SECRET, digits=6)))
 
 
-def disconnect(gw: Gateway, member: str, key: str) -> tuple[control_pb2.DisconnectResponse, float, float]:
+def disconnect(gw: LabGateway, member: str, key: str) -> tuple[control_pb2.DisconnectResponse, float, float]:
     before = time.time()
     res = gw.control().Disconnect(control_pb2.DisconnectRequest(member_id=member, reason="e2e", idempotency_key=key))
     return res, before, time.time()
 
 
-def state(gw: Gateway, peer: LabPeer) -> int:
+def state(gw: LabGateway, peer: LabPeer) -> int:
     s: int = gw.control().GetSession(control_pb2.GetSessionRequest(peer_public_key=peer.public_key)).state
     return s
 
 
-def wait_state(gw: Gateway, peer: LabPeer, wanted: int, timeout: float = 10) -> None:
+def wait_state(gw: LabGateway, peer: LabPeer, wanted: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while state(gw, peer) != wanted:
         assert time.monotonic() < deadline, f"peer {peer.index} not in state {wanted}"
@@ -61,7 +61,7 @@ def conntrack_entries(lab: Lab, peer: LabPeer) -> list[str]:
 
 
 def test_disconnect_under_flood_cuts_at_once_and_spares_the_other_peer(
-        lab: Lab, gateway: Gateway, agent: Agent, sink: Sink) -> None:
+        lab: Lab, gateway: LabGateway, agent: Agent, sink: Sink) -> None:
     p1, p2 = lab.peers[:2]
     enroll(gateway, "alice", p1)
     enroll(gateway, "bob", p2)
@@ -89,7 +89,7 @@ def test_disconnect_under_flood_cuts_at_once_and_spares_the_other_peer(
 
 
 def test_quarantined_peer_reaches_only_the_challenge_and_is_released_by_totp(
-        lab: Lab, gateway: Gateway, agent: Agent) -> None:
+        lab: Lab, gateway: LabGateway, agent: Agent) -> None:
     p1 = lab.peers[0]
     enroll(gateway, "alice", p1)
     wait_state(gateway, p1, types_pb2.PEER_STATE_AUTHORIZED)
@@ -122,7 +122,7 @@ def test_quarantined_peer_reaches_only_the_challenge_and_is_released_by_totp(
 
 
 def test_prior_connection_fresh_peer_is_held_from_its_first_packet(
-        lab: Lab, gateway: Gateway, agent: Agent, sink: Sink) -> None:
+        lab: Lab, gateway: LabGateway, agent: Agent, sink: Sink) -> None:
     gateway.control().ApplyTeamPolicy(control_pb2.ApplyTeamPolicyRequest(policy=control_pb2.TeamPolicy(
         team_id="green", version=1, scope=types_pb2.MFA_SCOPE_CLIENT_APP, roles=types_pb2.MFA_ROLES_ALL,
         totp_prior_connection=True)))
@@ -142,7 +142,7 @@ def test_prior_connection_fresh_peer_is_held_from_its_first_packet(
     assert len(of(got, "fresh-after")) > 100
 
 
-def test_daemon_killed_keeps_quarantine_and_restart_reconciles(lab: Lab, gateway: Gateway, agent: Agent) -> None:
+def test_daemon_killed_keeps_quarantine_and_restart_reconciles(lab: Lab, gateway: LabGateway, agent: Agent) -> None:
     p1, p2 = lab.peers[:2]
     enroll(gateway, "alice", p1)
     enroll(gateway, "bob", p2)
@@ -160,13 +160,13 @@ def test_daemon_killed_keeps_quarantine_and_restart_reconciles(lab: Lab, gateway
     assert agent.probe(p1, f"{SERVER_IP}:5001") in ("connected", "ECONNREFUSED")
 
 
-def test_untracked_address_is_refused_by_the_challenge_api(lab: Lab, gateway: Gateway, agent: Agent) -> None:
+def test_untracked_address_is_refused_by_the_challenge_api(lab: Lab, gateway: LabGateway, agent: Agent) -> None:
     answer = agent(lab.srv_ns, "challenge", "--gateway", "198.19.0.1:9443")
     assert answer == {"ok": False, "code": "PERMISSION_DENIED",
                       "details": "the caller is not a tunnel address of a tracked peer"}
 
 
-def test_quarantined_peer_is_released_by_a_device_proof(lab: Lab, gateway: Gateway, agent: Agent) -> None:
+def test_quarantined_peer_is_released_by_a_device_proof(lab: Lab, gateway: LabGateway, agent: Agent) -> None:
     p2 = lab.peers[1]
     auth = SoftAuthenticator()
     gateway.control().UpsertMember(control_pb2.UpsertMemberRequest(
@@ -186,7 +186,7 @@ def test_quarantined_peer_is_released_by_a_device_proof(lab: Lab, gateway: Gatew
     assert agent.probe(p2, f"{SERVER_IP}:5001") in ("connected", "ECONNREFUSED")
 
 
-def test_sighup_reload_keeps_the_old_config_on_a_bad_file(lab: Lab, gateway: Gateway) -> None:
+def test_sighup_reload_keeps_the_old_config_on_a_bad_file(lab: Lab, gateway: LabGateway) -> None:
     assert gateway.proc is not None
     original = gateway.config_path.read_text()
 

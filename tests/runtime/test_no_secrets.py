@@ -35,7 +35,7 @@ async def test_full_flow_leaks_nothing(gw: Harness, caplog: pytest.LogCaptureFix
     await gw.local().Disconnect(control_pb2.DisconnectRequest(member_id="alice", idempotency_key="y"))
     gw.clock.advance(3)
     assert (await ch.SubmitBackupCode(challenge_pb2.SubmitBackupCodeRequest(code=plain))).accepted
-    events = " ".join(e.data_json for e in await gw.daemon.store.events_after(0, 10_000))
+    events = " ".join(e.data_json for e in await gw.daemon.store.outbox.events_after(0, 10_000))
     logs = caplog.text
     assert "event " in logs  # the events are logged, so there is something to search
     needles = [SECRET.decode(), base64.b32encode(SECRET).decode(), SECRET.hex(), good, plain, plain.replace("-", ""),

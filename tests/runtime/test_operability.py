@@ -105,6 +105,6 @@ async def test_metrics(gw: Harness) -> None:
     assert m["gatewayd_poll_seconds_count"] >= 2 and m["gatewayd_enforcement_healthy"] == 1.0
     assert m["gatewayd_broker_connected"] == 0.0 and m["gatewayd_outbox_unpublished"] == 0.0
     assert m["gatewayd_poll_interval_seconds"] == 1.0 and m["gatewayd_poll_read_seconds"] == 0.0  # auto, free reads
-    await gw.daemon.checkpoint_once()
+    await gw.daemon.checkpointer.once()
     m = await scrape(gw)
     assert m["gatewayd_sqlite_wal_frames"] > 0  # the proof flow above wrote to the WAL

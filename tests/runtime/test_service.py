@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.config import AuthSection
+from gatewayd.auth.limits import AttemptPolicy
 from gatewayd.runtime.driver import Batch
+from tests.fakes import CallJob
 from tests.harness import config_for, start, stop, write_config
 from tests.pki import Authority
 
@@ -61,7 +62,7 @@ async def test_notify_sequence_and_watchdog_only_while_the_driver_progresses(
         async def stuck(b: Batch) -> None:
             await release.wait()
 
-        blocked = asyncio.ensure_future(h.daemon.driver.submit(stuck))
+        blocked = asyncio.ensure_future(h.daemon.driver.submit(CallJob(stuck)))
         await asyncio.sleep(0.1)
         before = firsts(notify_socket.read()).count("WATCHDOG=1")
         await asyncio.sleep(0.6)
@@ -83,17 +84,17 @@ async def test_reload_swaps_a_valid_file_and_keeps_the_old_one_on_error(
     h = await start(tmp_path, ca, config=config, config_path=path)
     try:
         old_port = h.daemon.challenge_ports
-        write_config(replace(config, auth=AuthSection(max_failures=5),
+        write_config(replace(config, auth=AttemptPolicy(max_failures=5),
                              challenge=replace(config.challenge, listen=["127.0.0.1:0"])), path)
         assert await h.daemon.reload()
-        assert h.daemon.ops.attempts.max_failures == 5
+        assert h.daemon.driver.settings.attempts.max_failures == 5
         assert h.daemon.challenge_ports != old_port and len(h.daemon.challenge_ports) == 1
         assert firsts(notify_socket.read())[-2:] == ["RELOADING=1", "READY=1"]
         # A bad value: nothing changes, and the refusal says which key.
         path.write_text(path.read_text().replace("max_failures = 5", "max_failures = 0"))
         assert not await h.daemon.reload()
-        assert h.daemon.ops.attempts.max_failures == 5
-        rows = await h.daemon.store.events_after(0)
+        assert h.daemon.driver.settings.attempts.max_failures == 5
+        rows = await h.daemon.store.outbox.events_after(0)
         assert "auth.max_failures" in [r for r in rows if r.type == "config.reload_refused"][-1].data_json
         # A key that needs a restart is refused too.
         write_config(replace(config, gateway=replace(config.gateway, id="other")), path)

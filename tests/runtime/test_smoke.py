@@ -4,6 +4,7 @@ import pytest
 
 from gatewayd.core.model import PeerState
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
+from tests.fakes import CallJob
 from tests.harness import Harness, gw, key
 
 __all__ = ["gw"]
@@ -34,17 +35,17 @@ async def test_auto_poll_interval_follows_what_reads_cost(gw: Harness) -> None:
 
     assert gw.daemon.config.wireguard.poll_interval == "auto"
     await gw.poll()
-    assert gw.daemon.poll_interval() == 1.0  # reads that cost nothing: every second
+    assert gw.tracker.poll_interval() == 1.0  # reads that cost nothing: every second
     gw.source.read_seconds = 0.03
     await gw.poll()
-    assert gw.daemon.poll_interval() == pytest.approx(3.0)  # 30 ms per read: at most 1% of the time
+    assert gw.tracker.poll_interval() == pytest.approx(3.0)  # 30 ms per read: at most 1% of the time
     for _ in range(20):
         gw.source.read_seconds = 0.01
         await gw.poll()
-    assert gw.daemon.poll_interval() == pytest.approx(1.0, rel=0.01)
+    assert gw.tracker.poll_interval() == pytest.approx(1.0, rel=0.01)
     config = gw.daemon.config
     gw.daemon.config = replace(config, wireguard=replace(config.wireguard, poll_interval=0.5))
-    assert gw.daemon.poll_interval() == 0.5  # a configured number is kept as it is
+    assert gw.tracker.poll_interval() == 0.5  # a configured number is kept as it is
 
 
 async def test_a_poll_gives_way_to_the_driver(gw: Harness) -> None:
@@ -62,7 +63,7 @@ async def test_a_poll_gives_way_to_the_driver(gw: Harness) -> None:
     async def busy(b: Batch) -> None:
         await release.wait()
 
-    job = asyncio.ensure_future(gw.daemon.driver.submit(busy))
+    job = asyncio.ensure_future(gw.daemon.driver.submit(CallJob(busy)))
     gw.source.add(key(2), "127.0.0.2/32", handshake=gw.clock() - 1)
     reads = gw.source.reads
     poll = asyncio.ensure_future(gw.poll())
@@ -71,4 +72,4 @@ async def test_a_poll_gives_way_to_the_driver(gw: Harness) -> None:
     release.set()
     await job
     await asyncio.wait_for(poll, 5)
-    assert key(2) in gw.daemon.driver.snapshot and key(2) in gw.daemon.core.peers
+    assert gw.tracker.spec(key(2)) is not None and key(2) in gw.daemon.core.peers

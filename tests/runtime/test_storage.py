@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from gatewayd.runtime.control import Note
 from tests.harness import Harness, gw
 
 __all__ = ["gw"]
@@ -24,7 +25,7 @@ async def test_the_wal_starts_over_while_batches_keep_committing(gw: Harness) ->
     async def writer(n: int) -> None:
         nonlocal committed
         while not stop.is_set():
-            await gw.daemon.driver.submit(gw.daemon.ops.note("test.filler", f"gateway/{n}", {"n": committed}))
+            await gw.daemon.driver.submit(Note(type="test.filler", subject=f"gateway/{n}", data={"n": committed}))
             committed += 1
 
     writers = [asyncio.ensure_future(writer(n)) for n in range(4)]
@@ -32,11 +33,11 @@ async def test_the_wal_starts_over_while_batches_keep_committing(gw: Harness) ->
     before, first = restarts(), committed
     try:
         for _ in range(5):
-            await gw.daemon.checkpoint_once()
+            await gw.daemon.checkpointer.once()
             await asyncio.sleep(0.05)
     finally:
         stop.set()
         await asyncio.gather(*writers)
     assert committed - first > 50  # the driver kept committing throughout
     assert restarts() >= before + 5
-    assert 0 < gw.daemon.wal_frames < committed * 20
+    assert 0 < gw.daemon.checkpointer.wal_frames < committed * 20

@@ -76,27 +76,6 @@ def parse_peer(block: str) -> PeerSnapshot:
         preshared_key=None if psk == ZERO_KEY else bytes.fromhex(psk))
 
 
-def _blocks(text: str) -> tuple[list[str], int | None]:
-    """The peers' blocks (each starting with the hex key) and the errno of a "get=1" answer."""
-    head, _, tail = text.rpartition("errno=")
-    errno = int(tail.split("\n", 1)[0]) if tail.strip() else None
-    body = head if head else text
-    parts = body.split("public_key=")
-    return [p.rstrip("\n") for p in parts[1:]], errno
-
-
-def parse_get(text: str) -> dict[str, PeerSnapshot]:
-    """Decode a "get=1" answer into peer snapshots."""
-    blocks, errno = _blocks(text)
-    if errno not in (0, None):
-        raise UapiError(f"UAPI get failed with errno {errno}")
-    peers = {}
-    for block in blocks:
-        snap = parse_peer(block)
-        peers[snap.public_key] = snap
-    return peers
-
-
 def reset_request(peers: Sequence[PeerSnapshot]) -> str:
     """One "set=1" that removes each peer and re-adds it with its saved configuration."""
     lines = ["set=1"]

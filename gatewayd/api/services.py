@@ -1,4 +1,7 @@
-"""The two gRPC services. Thin: validate and translate (convert), submit a job to the driver, answer."""
+"""The two gRPC services. Thin: validate and translate (convert), submit the job to the driver, answer.
+
+Reads (ListSessions, GetSession, GetTeamPolicy, GetStatus) look at the core between batches, without a job.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +12,29 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from gatewayd.adapters.grpc import convert
-from gatewayd.auth import backup
+from gatewayd.api import convert
+from gatewayd.auth import backup, totp
 from gatewayd.core.model import Peer
+from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.errors import Refused, Status
+from gatewayd.runtime import control, proofs
 from gatewayd.runtime.driver import Driver, EventSubscription, Job
 from gatewayd.runtime.observability import Metrics
-from gatewayd.runtime.operations import ChallengeView, Operations, ProofOutcome, StatusSnapshot
+from gatewayd.runtime.proofs import ProofOutcome
+from gatewayd.runtime.status import StatusSnapshot
 from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 
 MAX_PAGE = 1000
 
 
+Snapshots = Callable[[str], PeerSnapshot | None]
+"""A peer's latest read of the interface (byte counters), by public key."""
+
+
 class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[misc]
-    def __init__(self, driver: Driver, ops: Operations, metrics: Metrics,
-                 status: Callable[[], StatusSnapshot]) -> None:
-        self.driver, self.ops, self.metrics, self.status = driver, ops, metrics, status
+    def __init__(self, driver: Driver, metrics: Metrics, status: Callable[[], StatusSnapshot],
+                 snapshots: Snapshots) -> None:
+        self.driver, self.metrics, self.status, self.snapshots = driver, metrics, status, snapshots
 
     async def GetStatus(self, request: control_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
                         ) -> control_pb2.GatewayStatus:
@@ -40,38 +50,34 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
     async def Disconnect(self, request: control_pb2.DisconnectRequest, context: grpc.aio.ServicerContext
                          ) -> control_pb2.DisconnectResponse:
         started = time.perf_counter()
-        args = convert.disconnect(request)
-        outcome, replayed = await self.driver.submit(self.ops.disconnect(
-            member_id=args["member_id"], public_key=args["public_key"], team_id=args["team_id"],
-            reason=args["reason"] or "",
-            idempotency_key=args["idempotency_key"] or ""))
+        result = await self.driver.submit(convert.disconnect(request))
         self.metrics.disconnect_seconds.observe(time.perf_counter() - started)
-        return convert.disconnect_response(outcome, replayed)
+        return convert.disconnect_response(result)
 
     async def ApplyTeamPolicy(self, request: control_pb2.ApplyTeamPolicyRequest,
                               context: grpc.aio.ServicerContext) -> control_pb2.ApplyTeamPolicyResponse:
-        outcome = await self.driver.submit(self.ops.apply_team_policy(convert.team_policy(request)))
+        outcome = await self.driver.submit(convert.team_policy(request))
         return control_pb2.ApplyTeamPolicyResponse(peers_quarantined=outcome.peers_quarantined,
                                                    warnings=list(outcome.warnings))
 
     async def UpsertMember(self, request: control_pb2.UpsertMemberRequest, context: grpc.aio.ServicerContext
                            ) -> control_pb2.UpsertMemberResponse:
-        result = await self.driver.submit(self.ops.upsert_member(convert.member_update(request)))
-        return control_pb2.UpsertMemberResponse(created=result["created"], totp_pending=result["totp_pending"])
+        result = await self.driver.submit(convert.member_update(request))
+        return control_pb2.UpsertMemberResponse(created=result.created, totp_pending=result.totp_pending)
 
     async def RemoveMember(self, request: control_pb2.RemoveMemberRequest, context: grpc.aio.ServicerContext
                            ) -> control_pb2.RemoveMemberResponse:
-        n = await self.driver.submit(self.ops.remove_member(convert.ident(request.member_id, "member_id")))
+        n = await self.driver.submit(control.RemoveMember(member_id=convert.ident(request.member_id, "member_id")))
         return control_pb2.RemoveMemberResponse(peers_unmapped=n)
 
     async def ResetMfa(self, request: control_pb2.ResetMfaRequest, context: grpc.aio.ServicerContext
                        ) -> control_pb2.ResetMfaResponse:
-        await self.driver.submit(self.ops.reset_mfa(convert.ident(request.member_id, "member_id")))
+        await self.driver.submit(control.ResetMfa(member_id=convert.ident(request.member_id, "member_id")))
         return control_pb2.ResetMfaResponse()
 
     async def UnlockMfa(self, request: control_pb2.UnlockMfaRequest, context: grpc.aio.ServicerContext
                         ) -> control_pb2.UnlockMfaResponse:
-        await self.driver.submit(self.ops.unlock_mfa(convert.ident(request.member_id, "member_id")))
+        await self.driver.submit(control.UnlockMfa(member_id=convert.ident(request.member_id, "member_id")))
         return control_pb2.UnlockMfaResponse()
 
     async def ListSessions(self, request: control_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
@@ -103,7 +109,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
         more = len(chosen) > size
         page = chosen[:size]
         return control_pb2.ListSessionsResponse(
-            sessions=[convert.session(p, core.member_of(p), self.driver.snapshot.get(p.public_key)) for p in page],
+            sessions=[convert.session(p, core.member_of(p), self.snapshots(p.public_key)) for p in page],
             next_page_token=page[-1].public_key if more else "")
 
     async def GetSession(self, request: control_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
@@ -112,7 +118,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
         peer = self.driver.core.peers.get(key)
         if peer is None or peer.state is None:
             raise Refused(Status.NOT_FOUND, "no such session", field="peer_public_key")
-        return convert.session(peer, self.driver.core.member_of(peer), self.driver.snapshot.get(key))
+        return convert.session(peer, self.driver.core.member_of(peer), self.snapshots(key))
 
     async def WatchEvents(self, request: control_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[types_pb2.Event]:
@@ -120,11 +126,12 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
         sub = EventSubscription()
         self.driver.watchers.events.add(sub)
         try:
+            outbox = self.driver.store.outbox
             # Subscribed: tell the caller where the live stream starts, before any event.
-            await context.send_initial_metadata([("gatewayd-cursor", str(self.driver.store.next_cursor - 1))])
-            last = request.after_cursor if request.HasField("after_cursor") else self.driver.store.next_cursor - 1
+            await context.send_initial_metadata([("gatewayd-cursor", str(outbox.next_cursor - 1))])
+            last = request.after_cursor if request.HasField("after_cursor") else outbox.next_cursor - 1
             if request.HasField("after_cursor"):
-                while page := await self.driver.store.events_after(last):
+                while page := await outbox.events_after(last):
                     for e in page:
                         last = e.cursor
                         if not prefixes or e.type.startswith(prefixes):
@@ -163,13 +170,13 @@ def caller_address(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ignore[misc]
-    def __init__(self, driver: Driver, ops: Operations, metrics: Metrics) -> None:
-        self.driver, self.ops, self.metrics = driver, ops, metrics
+    def __init__(self, driver: Driver, metrics: Metrics) -> None:
+        self.driver, self.metrics = driver, metrics
 
-    async def _proof(self, factor: str, job: Job) -> challenge_pb2.ProofResult:
+    async def _proof(self, factor: str, job: Job[ProofOutcome]) -> challenge_pb2.ProofResult:
         """Run a proof job and count its outcome by factor."""
         try:
-            outcome: ProofOutcome = await self.driver.submit(job)
+            outcome = await self.driver.submit(job)
         except Refused as exc:
             self.metrics.challenge_results.inc(factor=factor, outcome=exc.status.value.lower())
             raise
@@ -185,15 +192,15 @@ class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ig
 
     async def GetChallenge(self, request: challenge_pb2.GetChallengeRequest, context: grpc.aio.ServicerContext
                            ) -> challenge_pb2.Challenge:
-        view: ChallengeView = await self.driver.submit(self.ops.challenge(self._caller(context)))
+        view = await self.driver.submit(proofs.GetChallenge(public_key=self._caller(context)))
         return convert.challenge(view)
 
     async def SubmitTotp(self, request: challenge_pb2.SubmitTotpRequest, context: grpc.aio.ServicerContext
                          ) -> challenge_pb2.ProofResult:
         key = self._caller(context)
-        if not 6 <= len(request.code) <= 8:
+        if len(request.code) not in totp.DIGITS:
             raise Refused(Status.INVALID_ARGUMENT, "must be 6 or 8 ASCII digits", field="code")
-        return await self._proof("totp", self.ops.submit_totp(key, request.code))
+        return await self._proof("totp", proofs.SubmitTotp(public_key=key, code=request.code))
 
     async def SubmitBackupCode(self, request: challenge_pb2.SubmitBackupCodeRequest,
                                context: grpc.aio.ServicerContext) -> challenge_pb2.ProofResult:
@@ -201,15 +208,17 @@ class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ig
         if not backup.well_formed(request.code):
             raise Refused(Status.INVALID_ARGUMENT, "must be 6 to 64 ASCII letters, digits, '-' or ' '",
                           field="code")
-        params = await self.driver.submit(self.ops.backup_precheck(key))
+        params = await self.driver.submit(proofs.BackupPrecheck(public_key=key))
         # One KDF evaluation, off the event loop; consumption is then atomic inside the driver.
         derived = await asyncio.to_thread(backup.derive, request.code, params)
-        return await self._proof("backup_code", self.ops.submit_backup_code(key, derived, params))
+        return await self._proof("backup_code", proofs.SubmitBackupCode(public_key=key, derived=derived,
+                                                                        params=params))
 
     async def SubmitDeviceAssertion(self, request: challenge_pb2.SubmitDeviceAssertionRequest,
                                     context: grpc.aio.ServicerContext) -> challenge_pb2.ProofResult:
         key = self._caller(context)
-        return await self._proof("device", self.ops.submit_device_assertion(key, convert.assertion(request)))
+        return await self._proof("device", proofs.SubmitDeviceAssertion(public_key=key,
+                                                                        assertion=convert.assertion(request)))
 
     async def WatchStatus(self, request: challenge_pb2.WatchStatusRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[challenge_pb2.Challenge]:
@@ -220,7 +229,8 @@ class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ig
         try:
             last = None
             while True:
-                view = convert.challenge(await self.driver.submit(self.ops.challenge(key, issue_nonce=False)))
+                view = convert.challenge(await self.driver.submit(proofs.GetChallenge(public_key=key,
+                                                                                      issue_nonce=False)))
                 if view != last:
                     yield view
                     last = view

@@ -7,28 +7,29 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from gatewayd.adapters.sqlite_store import MIGRATIONS, SecretBox, Store
+from gatewayd.adapters.sqlite import SecretBox, SqliteStore
+from gatewayd.adapters.sqlite.database import MIGRATIONS
 from gatewayd.auth.totp import TotpFactor
 from gatewayd.core.model import Role
 
 SECRET = b"very-secret-totp-seed"
 
 
-async def opened(path: Path, key: bytes) -> Store:
-    store = Store(path, SecretBox(key))
+async def opened(path: Path, key: bytes) -> SqliteStore:
+    store = SqliteStore(path, SecretBox(key))
     await store.open()
     return store
 
 
 async def test_pragmas_and_migrations(tmp_path: Path) -> None:
     store = await opened(tmp_path / "s.db", os.urandom(32))
-    async with store.db.execute("PRAGMA journal_mode") as cur:
+    async with store.writer.execute("PRAGMA journal_mode") as cur:
         assert (await cur.fetchone())[0] == "wal"  # type: ignore[index]
-    async with store.db.execute("PRAGMA synchronous") as cur:
+    async with store.writer.execute("PRAGMA synchronous") as cur:
         assert (await cur.fetchone())[0] == 2  # type: ignore[index]  # FULL
-    async with store.db.execute("PRAGMA wal_autocheckpoint") as cur:
+    async with store.writer.execute("PRAGMA wal_autocheckpoint") as cur:
         assert (await cur.fetchone())[0] == 0  # type: ignore[index]  # never inside a COMMIT: see Store.checkpoint
-    async with store.db.execute("PRAGMA user_version") as cur:
+    async with store.writer.execute("PRAGMA user_version") as cur:
         assert (await cur.fetchone())[0] == len(MIGRATIONS)  # type: ignore[index]
     await store.close()
     # Reopening runs no migration twice; a newer schema is refused.
@@ -45,10 +46,10 @@ async def test_totp_secret_is_encrypted_at_rest_and_bound_to_its_row(tmp_path: P
     key = os.urandom(32)
     store = await opened(tmp_path / "s.db", key)
     await store.begin()
-    await store.save_member("alice", "t", Role.MEMBER, [])
-    await store.save_totp("alice", "active", TotpFactor(secret=SECRET))
+    await store.state.save_member("alice", "t", Role.MEMBER, [])
+    await store.state.save_totp("alice", "active", TotpFactor(secret=SECRET))
     await store.commit()
-    auth = await store.member_auth("alice")
+    auth = await store.state.member_auth("alice")
     assert auth is not None and auth.totp is not None and auth.totp.secret == SECRET
     await store.close()
     for f in tmp_path.iterdir():
@@ -57,16 +58,16 @@ async def test_totp_secret_is_encrypted_at_rest_and_bound_to_its_row(tmp_path: P
     # Another key cannot read it; a ciphertext moved to another member's row does not open either.
     other = await opened(tmp_path / "s.db", os.urandom(32))
     with pytest.raises(InvalidTag):
-        await other.member_auth("alice")
+        await other.state.member_auth("alice")
     await other.close()
     store = await opened(tmp_path / "s.db", key)
     await store.begin()
-    await store.save_member("mallory", "t", Role.MEMBER, [])
-    await store.db.execute("INSERT INTO totp SELECT 'mallory', slot, nonce, secret_ct, algorithm, digits, period, "
+    await store.state.save_member("mallory", "t", Role.MEMBER, [])
+    await store.writer.execute("INSERT INTO totp SELECT 'mallory', slot, nonce, secret_ct, algorithm, digits, period, "
                            "last_step FROM totp WHERE member_id='alice'")
     await store.commit()
     with pytest.raises(InvalidTag):
-        await store.member_auth("mallory")
+        await store.state.member_auth("mallory")
     await store.close()
 
 
@@ -74,14 +75,14 @@ async def test_savepoint_rollback_leaves_nothing(tmp_path: Path) -> None:
     store = await opened(tmp_path / "s.db", os.urandom(32))
     await store.begin()
     await store.savepoint()
-    await store.save_member("alice", "t", Role.MEMBER, [])
+    await store.state.save_member("alice", "t", Role.MEMBER, [])
     await store.rollback_savepoint()
     await store.savepoint()
-    await store.save_member("bob", "t", Role.MEMBER, [])
+    await store.state.save_member("bob", "t", Role.MEMBER, [])
     await store.release_savepoint()
     await store.commit()
-    assert not await store.member_exists("alice")
-    assert await store.member_exists("bob")
+    assert not await store.state.member_exists("alice")
+    assert await store.state.member_exists("bob")
     await store.close()
 
 

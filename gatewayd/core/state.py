@@ -1,4 +1,4 @@
-"""The gateway state machine. Everything that changes a peer's enforcement state lives in this file.
+"""The gateway's state machine. Everything that changes a peer's enforcement state lives in this file.
 
 A peer's state moves only through `TRANSITIONS`; any other move is a bug and raises. A peer that owes a
 proof leaves quarantine only through SATISFY, which requires an accepted proof of every owed kind, each
@@ -23,7 +23,6 @@ from gatewayd.core.commands import (
     Publish,
     Quarantine,
     Release,
-    Reply,
     ResetPeerSession,
     SavePeer,
     Track,
@@ -117,7 +116,7 @@ def no_connection_policy_warning(team_id: str) -> str:
     )
 
 
-class Gateway:
+class GatewayState:
     """All peers, members and team policies of one gateway, and the rules that move peers between states."""
 
     def __init__(self, config: CoreConfig | None = None) -> None:
@@ -135,9 +134,9 @@ class Gateway:
     def restore(
         self, teams: Iterable[TeamPolicy], members: Iterable[Member], records: Iterable[PeerRecord]
     ) -> None:
-        """Load persisted state. Only valid on a fresh Gateway."""
+        """Load persisted state. Only valid on a fresh GatewayState."""
         if self.peers or self.members or self.teams:
-            raise CoreBug("restore on a used Gateway")
+            raise CoreBug("restore on a used GatewayState")
         for team in teams:
             self.teams[team.team_id] = team
         for member in members:
@@ -247,8 +246,24 @@ class Gateway:
 
     # ---- events -----------------------------------------------------------------------------------
 
+    def disconnect(self, e: ev.DisconnectRequested, now: float) -> tuple[DisconnectOutcome, list[Command]]:
+        """A Disconnect, with its answer for the caller."""
+        out: list[Command] = []
+        return self._on_disconnect(e, now, out), out
+
+    def apply_policy(self, e: ev.TeamPolicyApplied, now: float) -> tuple[PolicyOutcome, list[Command]]:
+        """A new team policy, with its answer for the caller."""
+        out: list[Command] = []
+        return self._on_policy(e, now, out), out
+
+    def accept_proof(self, e: ev.ProofAccepted, now: float) -> tuple[bool, list[Command]]:
+        """A verified factor; the answer says whether it counted toward the peer's demand."""
+        out: list[Command] = []
+        return self._on_proof_accepted(e, now, out), out
+
     def handle(self, event: ev.Event, now: float) -> list[Command]:
-        """Feed one event; returns the commands to execute, in order."""
+        """Feed one event; returns the commands to execute, in order. (For a request whose caller waits
+        for an answer, use `disconnect`, `apply_policy` or `accept_proof`.)"""
         out: list[Command] = []
         match event:
             case ev.PeerConfigured():
@@ -368,7 +383,8 @@ class Gateway:
             self._require(peer, policy.for_step_up(self.policy_of(member), member), now, out, step_up=True)
             out.append(self._publish("peer.reverify_due", peer, proven_at=peer.proven_at))
 
-    def _on_disconnect(self, e: ev.DisconnectRequested, now: float, out: list[Command]) -> None:
+    def _on_disconnect(self, e: ev.DisconnectRequested, now: float, out: list[Command]
+                       ) -> DisconnectOutcome:
         groups: list[tuple[Member | None, list[Peer]]]
         if e.team_id is not None:
             members = [m for m in self.members.values() if m.team_id == e.team_id]
@@ -383,13 +399,11 @@ class Gateway:
             known = peer is not None
             groups = [(self.member_of(peer), [peer])] if peer else []
         if not known:
-            self._reply(e, out, DisconnectOutcome(
-                sessions_cut=0, peers_quarantined=0, cause="unknown_subject", warnings=()))
-            return
+            return DisconnectOutcome(
+                sessions_cut=0, peers_quarantined=0, cause="unknown_subject", warnings=())
         if not any(peers for _, peers in groups):
-            self._reply(e, out, DisconnectOutcome(
-                sessions_cut=0, peers_quarantined=0, cause="session_context_not_found", warnings=()))
-            return
+            return DisconnectOutcome(
+                sessions_cut=0, peers_quarantined=0, cause="session_context_not_found", warnings=())
         warnings: list[str] = []
         cut = quarantined = 0
         for member, targets in groups:
@@ -425,10 +439,9 @@ class Gateway:
         unique = tuple(dict.fromkeys(warnings))
         if len(unique) > 20:
             unique = (*unique[:20], f"... and {len(unique) - 20} more warnings")
-        self._reply(e, out, DisconnectOutcome(
-            sessions_cut=cut, peers_quarantined=quarantined, cause=None, warnings=unique))
+        return DisconnectOutcome(sessions_cut=cut, peers_quarantined=quarantined, cause=None, warnings=unique)
 
-    def _on_policy(self, e: ev.TeamPolicyApplied, now: float, out: list[Command]) -> None:
+    def _on_policy(self, e: ev.TeamPolicyApplied, now: float, out: list[Command]) -> PolicyOutcome:
         team = e.policy
         current = self.teams.get(team.team_id)
         if current is not None and team.version <= current.version:
@@ -463,7 +476,7 @@ class Gateway:
                     self._reassess(peer, now, out)
                 self._arm(peer)
         warnings = () if team.named_proofs() else (no_connection_policy_warning(team.team_id),)
-        self._reply(e, out, PolicyOutcome(peers_quarantined=quarantined, warnings=warnings))
+        return PolicyOutcome(peers_quarantined=quarantined, warnings=warnings)
 
     def _on_member_upserted(self, e: ev.MemberUpserted, now: float, out: list[Command]) -> None:
         member = e.member
@@ -513,16 +526,14 @@ class Gateway:
                 continue
             self._reassess(peer, now, out)
 
-    def _on_proof_accepted(self, e: ev.ProofAccepted, now: float, out: list[Command]) -> None:
+    def _on_proof_accepted(self, e: ev.ProofAccepted, now: float, out: list[Command]) -> bool:
         peer = self.peers.get(e.public_key)
         kind = FACTOR_PROVES[e.factor]
         if peer is None or peer.state is not Q or kind not in peer.owes:
-            self._reply(e, out, False)
-            return
+            return False
         if peer.owes_since is None or e.verified_at < peer.owes_since:
             # Verified before the current demand: it answers an older one.
-            self._reply(e, out, False)
-            return
+            return False
         peer.proofs[kind] = e.verified_at
         out.append(self._publish("proof.accepted", peer, factor=e.factor.value, kind=kind.value))
         if peer.owes <= peer.proofs.keys():
@@ -532,7 +543,7 @@ class Gateway:
             out.append(self._publish("peer.released", peer))
         out.append(self._save(peer))
         self._arm(peer)
-        self._reply(e, out, True)
+        return True
 
     def _on_proof_refused(self, e: ev.ProofRefused, out: list[Command]) -> None:
         peer = self.peers.get(e.public_key)
@@ -643,9 +654,6 @@ class Gateway:
             raise CoreBug("saving an undecided peer")
         return SavePeer(record=record_of(peer))
 
-    def _reply(self, e: ev.Event, out: list[Command], value: object) -> None:
-        if e.request_id is not None:
-            out.append(Reply(request_id=e.request_id, value=value))
 
 
 def record_of(peer: Peer) -> PeerRecord:

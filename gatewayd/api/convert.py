@@ -1,6 +1,8 @@
-"""Translation between protobuf messages and the domain, with all edge validation. The only place that does.
+"""Translation between protobuf messages and the domain, with the edge validation of each field.
 
-Every check names the offending field; nothing here touches state.
+Requests become validated driver jobs (gatewayd.runtime.control, .proofs); domain results become messages.
+Every check names the offending field; nothing here touches state. Checks that need state (a stale policy
+version, a peer key owned by another member) are the jobs'.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import ipaddress
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from gatewayd.adapters.sqlite_store import StoredEvent
+from gatewayd import __version__
 from gatewayd.auth import backup, device, totp
+from gatewayd.auth.fields import FieldError
 from gatewayd.core.model import Factor, Member, Peer, PeerState, ProofKind, Role, Roles, Scope, TeamPolicy
-from gatewayd.core.session import DisconnectOutcome
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.errors import invalid
-from gatewayd.runtime.operations import ChallengeView, MemberUpdate, StatusSnapshot
+from gatewayd.ports import DeviceCredential, StoredEvent
+from gatewayd.runtime.control import ApplyTeamPolicy, Disconnect, DisconnectResult, UpsertMember
+from gatewayd.runtime.proofs import ChallengeView
+from gatewayd.runtime.status import StatusSnapshot
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
 
 MAX_ID = 128
@@ -75,7 +80,7 @@ CAUSE_TO_PB = {None: control_pb2.DISCONNECT_CAUSE_UNSPECIFIED,
                "session_context_not_found": control_pb2.DISCONNECT_CAUSE_SESSION_CONTEXT_NOT_FOUND}
 
 
-def team_policy(req: control_pb2.ApplyTeamPolicyRequest) -> TeamPolicy:
+def team_policy(req: control_pb2.ApplyTeamPolicyRequest) -> ApplyTeamPolicy:
     if not req.HasField("policy"):
         raise invalid("policy", "is required")
     p = req.policy
@@ -87,13 +92,13 @@ def team_policy(req: control_pb2.ApplyTeamPolicyRequest) -> TeamPolicy:
         raise invalid("policy.roles", "must be ADMINS, MEMBERS or ALL")
     if p.reverify_interval_seconds and p.reverify_interval_seconds < 60:
         raise invalid("policy.reverify_interval_seconds", "must be 0 (never) or at least 60")
-    return TeamPolicy(team_id=ident(p.team_id, "policy.team_id"), version=p.version, scope=_SCOPES[p.scope],
-                      roles=_ROLES[p.roles], totp_prior_connection=p.totp_prior_connection,
-                      device_prior_connection=p.device_prior_connection,
-                      reverify_interval=float(p.reverify_interval_seconds))
+    return ApplyTeamPolicy(policy=TeamPolicy(
+        team_id=ident(p.team_id, "policy.team_id"), version=p.version, scope=_SCOPES[p.scope], roles=_ROLES[p.roles],
+        totp_prior_connection=p.totp_prior_connection, device_prior_connection=p.device_prior_connection,
+        reverify_interval=float(p.reverify_interval_seconds)))
 
 
-def member_update(req: control_pb2.UpsertMemberRequest) -> MemberUpdate:
+def member_update(req: control_pb2.UpsertMemberRequest) -> UpsertMember:
     member_id = ident(req.member_id, "member_id")
     team_id = ident(req.team_id, "team_id")
     if req.role not in _ROLE:
@@ -109,8 +114,8 @@ def member_update(req: control_pb2.UpsertMemberRequest) -> MemberUpdate:
         period = t.period_seconds or 30
         try:
             totp.validate_enrollment(t.secret, _ALGS[t.algorithm], t.digits, period)
-        except totp.EnrollmentError as exc:
-            raise invalid(exc.field, str(exc).split(": ", 1)[1]) from None
+        except FieldError as exc:
+            raise invalid(exc.field, exc.message) from None
         factor = totp.TotpFactor(secret=t.secret, algorithm=_ALGS[t.algorithm], digits=t.digits, period=period)
     codes = None
     if req.HasField("backup_codes"):
@@ -119,21 +124,21 @@ def member_update(req: control_pb2.UpsertMemberRequest) -> MemberUpdate:
         params = backup.KdfParams(salt=s.salt, n=s.n, r=s.r, p=s.p, dklen=len(hashes[0]) if hashes else 0)
         try:
             backup.validate_set(params, hashes)
-        except backup.BackupSetError as exc:
-            raise invalid(exc.field, str(exc).split(": ", 1)[1]) from None
+        except FieldError as exc:
+            raise invalid(exc.field, exc.message) from None
         codes = (params, tuple(hashes))
     devices = None
     if req.replace_device_credentials or req.device_credentials:
         if not req.replace_device_credentials:
             raise invalid("replace_device_credentials", "must be true when device_credentials are given")
         devices = tuple(_device(c, i) for i, c in enumerate(req.device_credentials))
-        if len({d[0] for d in devices}) != len(devices):
+        if len({d.credential_id for d in devices}) != len(devices):
             raise invalid("device_credentials", "credential ids must be distinct")
-    return MemberUpdate(member_id=member_id, team_id=team_id, role=_ROLE[req.role], peers=peers, totp=factor,
+    return UpsertMember(member_id=member_id, team_id=team_id, role=_ROLE[req.role], peers=peers, totp=factor,
                         backup=codes, devices=devices)
 
 
-def _device(c: control_pb2.DeviceCredential, i: int) -> tuple[bytes, bytes, int, bytes]:
+def _device(c: control_pb2.DeviceCredential, i: int) -> DeviceCredential:
     f = f"device_credentials[{i}]"
     if not 16 <= len(c.credential_id) <= 1023:
         raise invalid(f"{f}.credential_id", "must be 16 to 1023 bytes")
@@ -145,7 +150,8 @@ def _device(c: control_pb2.DeviceCredential, i: int) -> tuple[bytes, bytes, int,
         device.check_public_key(c.cose_public_key)
     except device.KeyError_ as exc:
         raise invalid(f"{f}.cose_public_key", str(exc)) from None
-    return (c.credential_id, c.cose_public_key, c.sign_count, c.user_handle)
+    return DeviceCredential(credential_id=c.credential_id, cose_public_key=c.cose_public_key,
+                            sign_count=c.sign_count, user_handle=c.user_handle)
 
 
 def assertion(req: challenge_pb2.SubmitDeviceAssertionRequest) -> device.Assertion:
@@ -170,8 +176,6 @@ def team_policy_pb(t: TeamPolicy) -> control_pb2.TeamPolicy:
 
 
 def status(s: StatusSnapshot) -> control_pb2.GatewayStatus:
-    from gatewayd import __version__
-
     msg = control_pb2.GatewayStatus(
         gateway_id=s.gateway_id, version=__version__, interface=s.interface, peers_configured=s.peers_configured,
         authorized=s.authorized, quarantined=s.quarantined, locked=s.locked,
@@ -186,25 +190,26 @@ def status(s: StatusSnapshot) -> control_pb2.GatewayStatus:
     return msg
 
 
-def disconnect(req: control_pb2.DisconnectRequest) -> dict[str, str | None]:
+def disconnect(req: control_pb2.DisconnectRequest) -> Disconnect:
     which = req.WhichOneof("target")
     if which is None:
         raise invalid("target", "set member_id, peer_public_key or team_id")
     if len(req.reason) > MAX_REASON:
         raise invalid("reason", f"must be at most {MAX_REASON} characters")
-    return {
-        "member_id": ident(req.member_id, "member_id") if which == "member_id" else None,
-        "public_key": public_key(req.peer_public_key, "peer_public_key") if which == "peer_public_key" else None,
-        "team_id": ident(req.team_id, "team_id") if which == "team_id" else None,
-        "reason": req.reason,
-        "idempotency_key": ident(req.idempotency_key, "idempotency_key"),
-    }
+    return Disconnect(
+        member_id=ident(req.member_id, "member_id") if which == "member_id" else None,
+        public_key=public_key(req.peer_public_key, "peer_public_key") if which == "peer_public_key" else None,
+        team_id=ident(req.team_id, "team_id") if which == "team_id" else None,
+        reason=req.reason,
+        idempotency_key=ident(req.idempotency_key, "idempotency_key"),
+    )
 
 
-def disconnect_response(outcome: DisconnectOutcome, replayed: bool) -> control_pb2.DisconnectResponse:
+def disconnect_response(result: DisconnectResult) -> control_pb2.DisconnectResponse:
+    outcome = result.outcome
     return control_pb2.DisconnectResponse(
         sessions_cut=outcome.sessions_cut, peers_quarantined=outcome.peers_quarantined,
-        cause=CAUSE_TO_PB[outcome.cause], warnings=list(outcome.warnings), replayed=replayed)
+        cause=CAUSE_TO_PB[outcome.cause], warnings=list(outcome.warnings), replayed=result.replayed)
 
 
 def timestamp(t: float | None) -> Timestamp | None:

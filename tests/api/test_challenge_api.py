@@ -13,6 +13,7 @@ import pytest
 
 from gatewayd.auth import backup
 from gatewayd.errors import Refused
+from gatewayd.runtime.proofs import SubmitBackupCode
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
 from tests.harness import Harness, gw, key, start, stop
 from tests.pki import Authority
@@ -44,7 +45,7 @@ def totp(code: str) -> challenge_pb2.SubmitTotpRequest:
 
 
 async def events(gw: Harness, prefix: str) -> list[dict[str, object]]:
-    rows = await gw.daemon.store.events_after(0, 10_000)
+    rows = await gw.daemon.store.outbox.events_after(0, 10_000)
     return [{"type": e.type, **json.loads(e.data_json)} for e in rows if e.type.startswith(prefix)]
 
 
@@ -183,7 +184,7 @@ async def test_fifty_concurrent_submissions_of_one_code(gw: Harness) -> None:
     results = await asyncio.gather(*calls, return_exceptions=True)
     accepted = [r for r in results if isinstance(r, challenge_pb2.ProofResult) and r.accepted]
     assert len(accepted) == 1
-    used = await gw.daemon.store.db.execute_fetchall("SELECT count(*) FROM backup_codes WHERE used_at IS NOT NULL")
+    used = await gw.daemon.store.writer.execute_fetchall("SELECT count(*) FROM backup_codes WHERE used_at IS NOT NULL")
     assert [tuple(r) for r in used] == [(1,)]
 
 
@@ -197,9 +198,9 @@ async def test_fifty_peers_of_one_member_race_one_code(gw: Harness) -> None:
     await gw.poll()
     await gw.local().Disconnect(control_pb2.DisconnectRequest(member_id="alice", idempotency_key="r"))
     derived = backup.derive("RACE-CODE-1", params)
-    ops, driver = gw.daemon.ops, gw.daemon.driver
-    outcomes = await asyncio.gather(*(driver.submit(ops.submit_backup_code(k, derived, params)) for k in keys),
-                                    return_exceptions=True)
+    driver = gw.daemon.driver
+    outcomes = await asyncio.gather(*(driver.submit(SubmitBackupCode(public_key=k, derived=derived, params=params))
+                                      for k in keys), return_exceptions=True)
     # The losers are failed attempts (a used code), so growing delays refuse some outright.
     assert sum(getattr(o, "accepted", False) for o in outcomes) == 1
     assert all(getattr(o, "accepted", None) is not None or isinstance(o, Refused) for o in outcomes)

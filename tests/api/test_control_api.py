@@ -119,7 +119,7 @@ async def test_upsert_with_one_bad_part_writes_nothing(gw: Harness) -> None:
                                                                                  hashes=[b"h" * 32]))
     code, details = await status_of(gw.local().UpsertMember(req))
     assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith("backup_codes.n")
-    assert not await gw.daemon.store.member_exists("alice")
+    assert not await gw.daemon.store.state.member_exists("alice")
     code, details = await status_of(gw.local().UpsertMember(control_pb2.UpsertMemberRequest(
         member_id="alice", team_id="t", role=types_pb2.MEMBER_ROLE_MEMBER,
         totp=control_pb2.TotpEnrollment(secret=b"short", digits=6))))
@@ -128,13 +128,13 @@ async def test_upsert_with_one_bad_part_writes_nothing(gw: Harness) -> None:
 
 async def test_refusal_after_reads_rolls_back_every_write(gw: Harness) -> None:
     await gw.enroll("alice", (key(1),))
-    before = await gw.daemon.store.member_auth("alice")
+    before = await gw.daemon.store.state.member_auth("alice")
     # bob claims alice's peer and brings a TOTP secret: refused as a whole.
     code, _ = await status_of(gw.enroll("bob", (key(2), key(1)), secret=b"B" * 20))
     assert code is grpc.StatusCode.FAILED_PRECONDITION
-    assert not await gw.daemon.store.member_exists("bob")
-    assert await gw.daemon.store.member_auth("alice") == before
-    assert await gw.daemon.store.owners([key(2)]) == {}
+    assert not await gw.daemon.store.state.member_exists("bob")
+    assert await gw.daemon.store.state.member_auth("alice") == before
+    assert await gw.daemon.store.state.owners([key(2)]) == {}
 
 
 async def test_message_size_cap(gw: Harness) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from gatewayd.auth.device import Assertion
 from gatewayd.lab.authenticator import UP, SoftAuthenticator
+from gatewayd.runtime.proofs import GetChallenge
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
 from tests.harness import Harness, gw, key, start, stop
 from tests.pki import Authority
@@ -43,7 +44,7 @@ async def disconnect(gw: Harness, idem: str) -> None:
 
 
 async def refused_events(gw: Harness) -> list[str]:
-    rows = await gw.daemon.store.events_after(0, 10_000)
+    rows = await gw.daemon.store.outbox.events_after(0, 10_000)
     return [json.loads(e.data_json)["reason"] for e in rows if e.type == "device.assertion_refused"]
 
 
@@ -59,8 +60,8 @@ async def test_device_only_member_is_released_by_a_device_proof(gw: Harness) -> 
     result = await ch.SubmitDeviceAssertion(submit(auth.assert_(c.device_nonce)))
     assert result.accepted and result.status.state == types_pb2.PEER_STATE_AUTHORIZED
     assert "127.0.0.1/32" not in gw.enforcer.held
-    stored = await gw.daemon.store.device_credential("dora", auth.credential_id)
-    assert stored is not None and stored[1] == 1
+    stored = await gw.daemon.store.state.device_credential("dora", auth.credential_id)
+    assert stored is not None and stored.sign_count == 1
 
 
 async def test_challenge_is_single_use_even_when_raced(gw: Harness) -> None:
@@ -88,7 +89,7 @@ async def test_expired_foreign_other_peer_and_clone(gw: Harness) -> None:
     gw.clock.advance(121)
     assert not (await ch.SubmitDeviceAssertion(submit(auth.assert_(nonce)))).accepted
     # Another peer's challenge (issued to the member's other device).
-    view = await gw.daemon.driver.submit(gw.daemon.ops.challenge(OTHER))
+    view = await gw.daemon.driver.submit(GetChallenge(public_key=OTHER))
     assert not (await ch.SubmitDeviceAssertion(submit(auth.assert_(view.device_nonce)))).accepted
     # A credential that is not the member's.
     stranger = SoftAuthenticator()
@@ -100,7 +101,7 @@ async def test_expired_foreign_other_peer_and_clone(gw: Harness) -> None:
     assert not (await ch.SubmitDeviceAssertion(submit(auth.assert_(nonce, count=0)))).accepted
     assert await refused_events(gw) == ["expired_challenge", "challenge_of_another_peer", "foreign_credential",
                                         "sign_count_not_increasing"]
-    rows = await gw.daemon.store.events_after(0, 10_000)
+    rows = await gw.daemon.store.outbox.events_after(0, 10_000)
     assert [e.type for e in rows].count("device.possible_clone") == 1
     # Each refusal was a failed attempt.
     c = await ch.GetChallenge(challenge_pb2.GetChallengeRequest())

@@ -1,0 +1,237 @@
+"""Gateway state in SQLite: teams, members, factors (TOTP secrets sealed by the SecretBox), backup codes,
+device credentials and challenges, peers and idempotent answers. Writes run on the driver's transaction."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from gatewayd.adapters.sqlite.database import Database
+from gatewayd.adapters.sqlite.secretbox import SecretBox
+from gatewayd.auth.backup import KdfParams
+from gatewayd.auth.limits import AttemptState
+from gatewayd.auth.totp import Algorithm, TotpFactor
+from gatewayd.core.model import (
+    Factor,
+    LockedReason,
+    Member,
+    PeerRecord,
+    PeerState,
+    ProofKind,
+    Role,
+    Roles,
+    Scope,
+    TeamPolicy,
+)
+from gatewayd.ports import DeviceCredential, MemberAuth
+
+
+def _aad(member_id: str, slot: str) -> bytes:
+    return f"gatewayd/totp/{member_id}/{slot}".encode()
+
+
+class SqliteState:
+    def __init__(self, db: Database, box: SecretBox) -> None:
+        self.db = db
+        self._box = box
+
+    # ---- loading ----------------------------------------------------------------------------------
+
+    async def load(self) -> tuple[list[TeamPolicy], list[Member], list[PeerRecord]]:
+        teams = [
+            TeamPolicy(team_id=r[0], version=r[1], scope=Scope(r[2]), roles=Roles(r[3]),
+                       totp_prior_connection=bool(r[4]), device_prior_connection=bool(r[5]),
+                       reverify_interval=r[6])
+            for r in await self.db.all("SELECT * FROM teams")
+        ]
+        peers_of: dict[str, set[str]] = {}
+        for key, member_id in await self.db.all("SELECT public_key, member_id FROM member_peers"):
+            peers_of.setdefault(member_id, set()).add(key)
+        members = []
+        for member_id, team_id, role, _f, _l, locked, _r in await self.db.all("SELECT * FROM members"):
+            members.append(Member(member_id=member_id, team_id=team_id, role=Role(role),
+                                  peers=frozenset(peers_of.get(member_id, ())),
+                                  factors=await self.factors(member_id), locked=bool(locked)))
+        records = [
+            PeerRecord(public_key=r[0], state=PeerState(r[1]),
+                       owes=frozenset(ProofKind(k) for k in r[2].split(",") if k),
+                       owes_since=r[3], proven_at=r[4],
+                       locked_reason=LockedReason(r[5]) if r[5] else None,
+                       allowed_ips=tuple(json.loads(r[6])), session_started_at=r[7], last_handshake=r[8],
+                       step_up=bool(r[9]))
+            for r in await self.db.all("SELECT * FROM peers")
+        ]
+        return teams, members, records
+
+    # ---- teams and members ------------------------------------------------------------------------
+
+    async def team_version(self, team_id: str) -> int | None:
+        row = await self.db.one("SELECT version FROM teams WHERE team_id=?", (team_id,))
+        return int(row[0]) if row else None
+
+    async def save_team(self, t: TeamPolicy) -> None:
+        await self.db.writer.execute(
+            "INSERT OR REPLACE INTO teams VALUES (?,?,?,?,?,?,?)",
+            (t.team_id, t.version, t.scope.value, t.roles.value, int(t.totp_prior_connection),
+             int(t.device_prior_connection), t.reverify_interval))
+
+    async def member_exists(self, member_id: str) -> bool:
+        return await self.db.one("SELECT 1 FROM members WHERE member_id=?", (member_id,)) is not None
+
+    async def owners(self, keys: Iterable[str]) -> dict[str, str]:
+        keys = list(keys)
+        if not keys:
+            return {}
+        marks = ",".join("?" * len(keys))
+        rows = await self.db.all(f"SELECT public_key, member_id FROM member_peers WHERE public_key IN ({marks})",  # noqa: S608
+                               keys)
+        return {r[0]: r[1] for r in rows}
+
+    async def save_member(self, member_id: str, team_id: str, role: Role, peers: Iterable[str]) -> None:
+        await self.db.writer.execute(
+            "INSERT INTO members (member_id, team_id, role) VALUES (?,?,?) "
+            "ON CONFLICT(member_id) DO UPDATE SET team_id=excluded.team_id, role=excluded.role",
+            (member_id, team_id, role.value))
+        await self.db.writer.execute("DELETE FROM member_peers WHERE member_id=?", (member_id,))
+        await self.db.writer.executemany("INSERT INTO member_peers VALUES (?,?)", [(k, member_id) for k in peers])
+
+    async def delete_member(self, member_id: str) -> None:
+        await self.db.writer.execute("DELETE FROM members WHERE member_id=?", (member_id,))
+
+    async def factors(self, member_id: str) -> frozenset[Factor]:
+        found = set()
+        if await self.db.one("SELECT 1 FROM totp WHERE member_id=?", (member_id,)):
+            found.add(Factor.TOTP)
+        if await self.db.one("SELECT 1 FROM backup_codes WHERE member_id=? AND used_at IS NULL", (member_id,)):
+            found.add(Factor.BACKUP_CODE)
+        if await self.db.one("SELECT 1 FROM device_credentials WHERE member_id=?", (member_id,)):
+            found.add(Factor.DEVICE)
+        return frozenset(found)
+
+    async def member_auth(self, member_id: str) -> MemberAuth | None:
+        row = await self.db.one("SELECT failures, last_failure_at, locked, reset_pending FROM members "
+                              "WHERE member_id=?", (member_id,))
+        if row is None:
+            return None
+        slots: dict[str, TotpFactor] = {}
+        for slot, nonce, ct, alg, digits, period, last_step in await self.db.all(
+                "SELECT slot, nonce, secret_ct, algorithm, digits, period, last_step FROM totp "
+                "WHERE member_id=?", (member_id,)):
+            secret = self._box.open(nonce, ct, _aad(member_id, slot))
+            slots[slot] = TotpFactor(secret=secret, algorithm=Algorithm(alg), digits=digits, period=period,
+                                     last_step=last_step)
+        return MemberAuth(attempts=AttemptState(failures=row[0], last_failure_at=row[1], locked=bool(row[2])),
+                          reset_pending=bool(row[3]), totp=slots.get("active"),
+                          pending_totp=slots.get("pending"))
+
+    async def save_attempts(self, member_id: str, state: AttemptState) -> None:
+        await self.db.writer.execute("UPDATE members SET failures=?, last_failure_at=?, locked=? WHERE member_id=?",
+                              (state.failures, state.last_failure_at, int(state.locked), member_id))
+
+    async def set_reset_pending(self, member_id: str, pending: bool) -> None:
+        await self.db.writer.execute("UPDATE members SET reset_pending=? WHERE member_id=?", (int(pending), member_id))
+
+    async def save_totp(self, member_id: str, slot: str, f: TotpFactor) -> None:
+        nonce, ct = self._box.seal(f.secret, _aad(member_id, slot))
+        await self.db.writer.execute(
+            "INSERT OR REPLACE INTO totp VALUES (?,?,?,?,?,?,?,?)",
+            (member_id, slot, nonce, ct, f.algorithm.value, f.digits, f.period, f.last_step))
+
+    async def drop_pending_totp(self, member_id: str) -> None:
+        """Forget a TOTP enrollment that was never confirmed (a new MFA reset starts over)."""
+        await self.db.writer.execute("DELETE FROM totp WHERE member_id=? AND slot='pending'", (member_id,))
+
+    async def set_totp_step(self, member_id: str, slot: str, step: int) -> None:
+        await self.db.writer.execute("UPDATE totp SET last_step=? WHERE member_id=? AND slot=?",
+                              (step, member_id, slot))
+
+    async def promote_pending_totp(self, member_id: str, step: int) -> None:
+        """The new factor was used: it replaces the old one, which is invalid from now on."""
+        row = await self.db.one("SELECT nonce, secret_ct, algorithm, digits, period FROM totp "
+                              "WHERE member_id=? AND slot='pending'", (member_id,))
+        if row is None:
+            raise RuntimeError("no pending TOTP factor")
+        secret = self._box.open(row[0], row[1], _aad(member_id, "pending"))
+        await self.db.writer.execute("DELETE FROM totp WHERE member_id=?", (member_id,))
+        await self.save_totp(member_id, "active", TotpFactor(
+            secret=secret, algorithm=Algorithm(row[2]), digits=row[3], period=row[4], last_step=step))
+
+    # ---- backup codes -----------------------------------------------------------------------------
+
+    async def replace_backup_set(self, member_id: str, params: KdfParams, hashes: Sequence[bytes]) -> None:
+        await self.db.writer.execute("DELETE FROM backup_sets WHERE member_id=?", (member_id,))
+        await self.db.writer.execute("INSERT INTO backup_sets VALUES (?,?,?,?,?,?)",
+                              (member_id, params.salt, params.n, params.r, params.p, params.dklen))
+        await self.db.writer.executemany("INSERT INTO backup_codes VALUES (?,?,?,NULL)",
+                                  [(member_id, i, h) for i, h in enumerate(hashes)])
+
+    async def backup_params(self, member_id: str) -> KdfParams | None:
+        row = await self.db.one("SELECT salt, n, r, p, dklen FROM backup_sets WHERE member_id=?", (member_id,))
+        return KdfParams(salt=row[0], n=row[1], r=row[2], p=row[3], dklen=row[4]) if row else None
+
+    async def unused_backup_codes(self, member_id: str) -> list[tuple[int, bytes]]:
+        rows = await self.db.all("SELECT idx, hash FROM backup_codes WHERE member_id=? AND used_at IS NULL",
+                               (member_id,))
+        return [(r[0], r[1]) for r in rows]
+
+    async def consume_backup_code(self, member_id: str, index: int, now: float) -> bool:
+        cur = await self.db.writer.execute(
+            "UPDATE backup_codes SET used_at=? WHERE member_id=? AND idx=? AND used_at IS NULL",
+            (now, member_id, index))
+        return cur.rowcount == 1
+
+    # ---- device credentials and their single-use challenges -----------------------------------
+
+    async def replace_device_credentials(self, member_id: str, creds: Sequence[DeviceCredential]) -> None:
+        await self.db.writer.execute("DELETE FROM device_credentials WHERE member_id=?", (member_id,))
+        await self.db.writer.executemany(
+            "INSERT INTO device_credentials VALUES (?,?,?,?,?)",
+            [(member_id, c.credential_id, c.cose_public_key, c.sign_count, c.user_handle) for c in creds])
+
+    async def device_credential(self, member_id: str, credential_id: bytes) -> DeviceCredential | None:
+        """The member's credential with this id, if it is the member's."""
+        row = await self.db.one("SELECT cose_public_key, sign_count, user_handle FROM device_credentials "
+                                "WHERE member_id=? AND credential_id=?", (member_id, credential_id))
+        return DeviceCredential(credential_id=credential_id, cose_public_key=row[0], sign_count=row[1],
+                                user_handle=row[2]) if row else None
+
+    async def set_sign_count(self, member_id: str, credential_id: bytes, count: int) -> None:
+        await self.db.writer.execute("UPDATE device_credentials SET sign_count=? WHERE member_id=? AND credential_id=?",
+                              (count, member_id, credential_id))
+
+    async def issue_nonce(self, nonce: bytes, public_key: str, member_id: str, now: float, ttl: float) -> None:
+        await self.db.writer.execute("DELETE FROM device_challenges WHERE expires_at < ?", (now - 3600,))
+        await self.db.writer.execute("INSERT INTO device_challenges VALUES (?,?,?,?,?,NULL)",
+                              (nonce, public_key, member_id, now, now + ttl))
+
+    async def take_nonce(self, nonce: bytes, now: float) -> tuple[str, str, float] | None:
+        """Consume an unused nonce: (peer key, member id, expiry), or None if unknown or already used."""
+        row = await self.db.one("SELECT public_key, member_id, expires_at FROM device_challenges "
+                              "WHERE nonce=? AND used_at IS NULL", (nonce,))
+        if row is None:
+            return None
+        cur = await self.db.writer.execute("UPDATE device_challenges SET used_at=? WHERE nonce=? AND used_at IS NULL",
+                                    (now, nonce))
+        return (row[0], row[1], row[2]) if cur.rowcount == 1 else None
+
+    # ---- peers ------------------------------------------------------------------------------------
+
+    async def save_peers(self, records: Iterable[PeerRecord]) -> None:
+        await self.db.writer.executemany(
+            "INSERT OR REPLACE INTO peers VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [(r.public_key, r.state.value, ",".join(sorted(k.value for k in r.owes)), r.owes_since,
+              r.proven_at, r.locked_reason.value if r.locked_reason else None, json.dumps(list(r.allowed_ips)),
+              r.session_started_at, r.last_handshake, int(r.step_up)) for r in records])
+
+    async def forget_peers(self, keys: Iterable[str]) -> None:
+        await self.db.writer.executemany("DELETE FROM peers WHERE public_key=?", [(k,) for k in keys])
+
+    # ---- idempotency ------------------------------------------------------------------------------
+
+    async def idempotent_response(self, key: str) -> dict[str, Any] | None:
+        row = await self.db.one("SELECT response FROM idempotency WHERE key=?", (key,))
+        return json.loads(row[0]) if row else None
+
+    async def save_idempotent_response(self, key: str, response: dict[str, Any], now: float) -> None:
+        await self.db.writer.execute("INSERT INTO idempotency VALUES (?,?,?)", (key, json.dumps(response), now))

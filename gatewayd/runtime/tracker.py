@@ -1,0 +1,123 @@
+"""The tracker: the one owner of what WireGuard says about its peers.
+
+It reads the interface (polling, and at once when rtnetlink reports a change), keeps the latest read, turns
+the difference with the previous one into core events (fed through the driver), and answers the driver's
+question "what is this peer's full configuration?" for session resets, from real reads only.
+
+Reads are background work (gatewayd.scheduling): a read does not start while an RPC or a job runs, and its
+answer is decoded and diffed in short slices between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from gatewayd.core.events import Event
+from gatewayd.core.tracking import PeerSnapshot, diff
+from gatewayd.ports import PeerSource
+from gatewayd.runtime.driver import Batch, Driver
+from gatewayd.runtime.observability import Metrics
+from gatewayd.scheduling import Pause, Slices, auto_poll_interval
+
+log = logging.getLogger(__name__)
+
+
+async def diff_in_slices(old: Mapping[str, PeerSnapshot], new: Mapping[str, PeerSnapshot], pause: Pause
+                         ) -> list[Event]:
+    """`diff`, 64 peers at a time, pausing whenever a slice's time is used up (10,000 peers take ~5 ms)."""
+    keys = sorted(old.keys() | new.keys())
+    events: list[Event] = []
+    slices = Slices(pause)
+    for i in range(0, len(keys), 64):
+        events += diff(old, new, keys[i:i + 64])
+        if slices.due():
+            await slices.pause()
+    return events
+
+
+@dataclass(frozen=True)
+class FeedTracking:
+    """Job: the events a read of the interface produced."""
+
+    events: tuple[Event, ...]
+
+    async def run(self, b: Batch) -> None:
+        for e in self.events:
+            b.feed(e)
+
+
+class Tracker:
+    def __init__(self, source: PeerSource, driver: Driver, metrics: Metrics, *, interface: str,
+                 poll_interval: Callable[[], float | str], clock: Callable[[], float] = time.time) -> None:
+        self.source, self.driver, self.metrics = source, driver, metrics
+        self.interface = interface
+        self._configured_interval = poll_interval
+        self.clock = clock
+        self._baseline: dict[str, PeerSnapshot] = {}
+        self._read: dict[str, PeerSnapshot] | None = None
+        self.last_poll: float | None = None
+        self.read_seconds = 0.0
+        """How long reads of the interface keep it busy, smoothed over the latest reads."""
+        self.wake = asyncio.Event()
+        """Set to read now (rtnetlink saw the interface change)."""
+
+    def seed(self, baseline: Mapping[str, PeerSnapshot]) -> None:
+        """What the store says was on the interface: the first read is compared with it, so that peers gone
+        meanwhile are unconfigured. It is never used as a peer's configuration."""
+        self._baseline = dict(baseline)
+
+    @property
+    def has_read(self) -> bool:
+        return self._read is not None
+
+    def spec(self, public_key: str) -> PeerSnapshot | None:
+        return self._read.get(public_key) if self._read is not None else None
+
+    def snapshot(self, public_key: str) -> PeerSnapshot | None:
+        """The peer's latest read (byte counters for ListSessions), if any."""
+        return self.spec(public_key)
+
+    def poll_interval(self) -> float:
+        configured = self._configured_interval()
+        return auto_poll_interval(self.read_seconds) if configured == "auto" else float(configured)
+
+    async def poll_once(self) -> None:
+        started = time.perf_counter()
+        quiet = self.driver.foreground.quiet
+        snapshot = await self.source.read(quiet)
+        latest = self.source.read_seconds
+        self.read_seconds = latest if not self.read_seconds else 0.7 * self.read_seconds + 0.3 * latest
+        previous = self._read if self._read is not None else self._baseline
+        events = await diff_in_slices(previous, snapshot, quiet)
+        first = self._read is None
+        self._read = dict(snapshot)
+        self._baseline = {}
+        self.metrics.poll_seconds.observe(time.perf_counter() - started)
+        self.last_poll = self.clock()
+        if events:
+            await self.driver.submit(FeedTracking(tuple(events)))
+        if first or self.driver.pending_resets:
+            async with self.driver.between_batches():
+                await self.driver.reset_pending()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.poll_interval())
+            self.wake.clear()
+            await self.poll_logged()
+
+    async def poll_logged(self) -> bool:
+        """One read; a failure is counted and logged (the interface may come back). True if it worked."""
+        try:
+            await self.poll_once()
+        except (OSError, ConnectionError) as exc:
+            self.metrics.poll_errors.inc()
+            log.warning("reading %s failed: %s", self.interface, exc)
+            return False
+        return True
