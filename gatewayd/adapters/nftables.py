@@ -129,9 +129,14 @@ class NftEnforcer:
                          addr("tcp", "dport", self.port), {"accept": None}),
                     rule("input_quarantine", addr(proto, "saddr", f"@{quarantine}"), reject(icmp)),
                 ]
-            rules.append(rule("input_quarantine", iface("iifname"), addr(proto, "saddr", f"@{tracked}", "!="),
-                              addr(proto, "saddr", f"@{nets}", "!="), addr("tcp", "dport", self.port, "!="),
-                              reject(icmp)))
+            # Two rules, not one with "tcp dport != port": that match implies TCP, so ICMP, UDP and every other
+            # protocol from an undecided address would pass.
+            undecided = (iface("iifname"), addr(proto, "saddr", f"@{tracked}", "!="),
+                         addr(proto, "saddr", f"@{nets}", "!="))
+            rules += [
+                rule("input_quarantine", *undecided, addr("tcp", "dport", self.port), {"accept": None}),
+                rule("input_quarantine", *undecided, reject(icmp)),
+            ]
         return rules
 
     def _structure(self) -> list[dict[str, Any]]:
