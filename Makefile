@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SYSTEM_PACKAGES := nftables libnftables1 wireguard-go wireguard-tools mosquitto mosquitto-clients \
 	conntrack iproute2 systemd procps
 
-.PHONY: test demo deps system-deps proto lint typecheck bench clean
+.PHONY: test demo deps system-deps proto lint typecheck bench fuzz clean
 
 deps: system-deps $(BIN)/.installed
 
@@ -41,6 +41,10 @@ test: deps lint typecheck
 
 demo: deps
 	$(BIN)/python -m gatewayd.lab.demo
+
+# The API fuzzer for longer than make test's bounded profile (tests/api/test_fuzz.py).
+fuzz: deps
+	GATEWAYD_FUZZ_EXAMPLES=$${GATEWAYD_FUZZ_EXAMPLES:-20000} $(BIN)/pytest -q tests/api/test_fuzz.py
 
 bench: deps
 	$(BIN)/python -m bench.disconnect --out bench/results.json

@@ -79,8 +79,9 @@ class ControlSection:
 
 @dataclass(frozen=True, kw_only=True)
 class ChallengeSection:
-    listen: list[str] = field(default_factory=lambda: ["0.0.0.0:9443"])
-    """host:port addresses of the challenge listener (the gateway's tunnel addresses)."""
+    listen: list[str] = field(default_factory=list)
+    """host:port addresses of the challenge listener; empty (the default): the WireGuard interface's own
+    addresses (IPv4 and IPv6, not link-local) on `port`, rebound when they change."""
     port: int = 9443
     """The challenge port that quarantined peers may reach on the gateway (nftables rule)."""
 

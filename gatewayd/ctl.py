@@ -128,7 +128,9 @@ class Ctl:
         self.out(data, "\n".join(f"{k:26} {v}" for k, v in data.items()))
 
     def events(self, args: argparse.Namespace) -> None:
-        request = control_pb2.WatchEventsRequest(after_cursor=args.after, type_prefixes=args.type or [])
+        prefixes = tuple(args.type or ())
+        # Without --follow the replay ends at the newest event, which the server's filter may hide: filter here.
+        request = control_pb2.WatchEventsRequest(after_cursor=args.after, type_prefixes=prefixes if args.follow else [])
         stream = self.stub.WatchEvents(request)
         latest = int(dict(stream.initial_metadata()).get("gatewayd-cursor", "0"))
         if not args.follow and latest <= args.after:
@@ -136,6 +138,10 @@ class Ctl:
             return
         try:
             for e in stream:
+                if not args.follow and e.cursor >= latest and prefixes and not e.type.startswith(prefixes):
+                    break
+                if prefixes and not e.type.startswith(prefixes):
+                    continue
                 when = dt.datetime.fromtimestamp(e.time.ToNanoseconds() / 1e9, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
                 if self.as_json:
                     print(json.dumps(_dict(e)), flush=True)

@@ -13,6 +13,7 @@ gRPC services (gatewayd.api) turn calls into driver jobs.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ import grpc
 
 from gatewayd.adapters.metrics import serve as serve_metrics
 from gatewayd.adapters.mqtt import OutboxPublisher
-from gatewayd.adapters.rtnetlink import LinkWatcher
+from gatewayd.adapters.rtnetlink import LinkWatcher, interface_addresses
 from gatewayd.adapters.sqlite import SecretBox, SqliteStore
 from gatewayd.adapters.systemd import notify, watchdog_interval
 from gatewayd.api.listeners import Authorizer, ListenerLimits, TlsFiles, challenge_server, control_server
@@ -104,6 +105,8 @@ class Daemon:
         self.control: grpc.aio.Server | None = None
         self.challenge: grpc.aio.Server | None = None
         self.challenge_ports: list[int] = []
+        self.challenge_bound: list[str] = []
+        """The addresses the challenge listener is bound to."""
         self.control_port: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.ready = asyncio.Event()
@@ -223,11 +226,39 @@ class Daemon:
                 unix_mode=c.unix_socket_mode, authorizer=self.authorizer, limits=self._limits(),
                 foreground=self.driver.foreground)
 
-    async def _start_challenge(self) -> None:
+    def challenge_addresses(self) -> list[str]:
+        """Where the challenge listener binds: the configured addresses, or else the WireGuard interface's own
+        (link-local excluded: a caller's tunnel source address identifies it, and those are routable ones)."""
         if self.config.challenge.listen:
-            self.challenge, self.challenge_ports = await challenge_server(
-                ChallengeService(self.driver, self.metrics), self.config.challenge.listen, self._limits(),
-                foreground=self.driver.foreground)
+            return list(self.config.challenge.listen)
+        port = self.config.challenge.port
+        out = []
+        for entry in interface_addresses(self.config.wireguard.interface):
+            ip = ipaddress.ip_interface(entry).ip
+            if ip.is_link_local:
+                continue
+            out.append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
+        return sorted(out)
+
+    async def _start_challenge(self) -> None:
+        addresses = self.challenge_addresses()
+        self.challenge_bound = addresses
+        if not addresses:
+            log.warning("challenge listener not bound: %s has no addresses yet (it is bound when they appear)",
+                        self.config.wireguard.interface)
+            return
+        self.challenge, self.challenge_ports = await challenge_server(
+            ChallengeService(self.driver, self.metrics), addresses, self._limits(), foreground=self.driver.foreground)
+
+    async def _rebind_challenge(self) -> None:
+        """The interface's addresses changed: follow them if the challenge listener is bound to them."""
+        if self.config.challenge.listen or self.challenge_addresses() == self.challenge_bound:
+            return
+        if self.challenge is not None:
+            await self.challenge.stop(SHUTDOWN_GRACE)
+        self.challenge = None
+        await self._start_challenge()
+        log.info("challenge listener rebound to %s", ", ".join(self.challenge_bound) or "nothing")
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 only while the driver makes progress: a heartbeat job must get through it in time."""
@@ -253,6 +284,7 @@ class Daemon:
                 ("wireguard.interface", self.config.wireguard.interface, new.wireguard.interface),
                 ("wireguard.backend", self.config.wireguard.backend, new.wireguard.backend),
                 ("enforcement", self.config.enforcement, new.enforcement),
+                ("challenge.port", self.config.challenge.port, new.challenge.port),
                 ("mqtt", self.config.mqtt, new.mqtt),
             ) if old != cur]
             if fixed:
@@ -301,6 +333,8 @@ class Daemon:
                                       data=fields)), name="link-event")
         if self.tracker is not None:
             self.tracker.wake.set()
+        if kind.startswith(("address.", "link.")):
+            spawn(self._rebind_challenge(), name="challenge-rebind")
 
     async def stop(self) -> None:
         notify("STOPPING=1")

@@ -14,6 +14,7 @@ import enum
 class Status(enum.Enum):
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     NOT_FOUND = "NOT_FOUND"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
     ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     PERMISSION_DENIED = "PERMISSION_DENIED"
@@ -39,3 +40,8 @@ def invalid(field: str, message: str) -> Refused:
 
 class EnforcementFailed(Exception):
     """The kernel refused an enforcement change; the driver keeps retrying until it holds."""
+
+
+class JobFailed(Exception):
+    """A request failed on our side (a bug or a store error) before it changed anything; it was rolled back and
+    logged. Answered INTERNAL without details."""

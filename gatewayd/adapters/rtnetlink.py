@@ -17,7 +17,9 @@ from typing import Any
 from gatewayd.netlink import attrs, messages
 
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
-RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 20, 21
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 16, 17, 20, 21, 22
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_DONE, NLMSG_ERROR = 3, 2
 IFLA_IFNAME = 3
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFF_UP = 0x1
@@ -43,6 +45,27 @@ def decode(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
                 continue
             address = ipaddress.ip_address(raw)
             yield kind, {"index": index, "family": family, "address": f"{address}/{prefixlen}"}
+
+
+def interface_addresses(interface: str) -> list[str]:
+    """The interface's addresses now ("10.0.0.1/24", "fd00::1/64"), from one RTM_GETADDR dump; [] if the
+    interface does not exist."""
+    try:
+        index = socket.if_nametoindex(interface)
+    except OSError:
+        return []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.bind((0, 0))
+        request = struct.pack("=BBBBI", socket.AF_UNSPEC, 0, 0, 0, 0)
+        sock.send(struct.pack("=IHHII", 16 + len(request), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + request)
+        found: list[str] = []
+        while True:
+            data = sock.recv(1 << 16)
+            for kind, fields in decode(data):
+                if kind == RTM_NEWADDR and fields["index"] == index:
+                    found.append(fields["address"])
+            if any(kind in (NLMSG_DONE, NLMSG_ERROR) for kind, _ in messages(data)):
+                return found
 
 
 class LinkWatcher:

@@ -27,6 +27,25 @@ from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
 
 MAX_ID = 128
 MAX_REASON = 256
+MAX_INT64 = 2**63 - 1
+"""Versions and cursors are stored as SQLite INTEGER (signed 64-bit); a larger uint64 is refused at the edge."""
+
+
+def cursor(value: int, field: str) -> int:
+    if value > MAX_INT64:
+        raise invalid(field, f"must be at most {MAX_INT64}")
+    return value
+
+
+def text(value: str, field: str, *, allow_empty: bool = True, limit: int = MAX_ID) -> str:
+    """Printable text (no NUL or control characters) of at most `limit` characters."""
+    if not value and not allow_empty:
+        raise invalid(field, "must not be empty")
+    if len(value) > limit:
+        raise invalid(field, f"must be at most {limit} characters")
+    if not value.isprintable():
+        raise invalid(field, "must be printable text (no NUL or control characters)")
+    return value
 
 
 def ident(value: str, field: str) -> str:
@@ -84,8 +103,8 @@ def team_policy(req: control_pb2.ApplyTeamPolicyRequest) -> ApplyTeamPolicy:
     if not req.HasField("policy"):
         raise invalid("policy", "is required")
     p = req.policy
-    if p.version == 0:
-        raise invalid("policy.version", "must be at least 1")
+    if not 1 <= p.version <= MAX_INT64:
+        raise invalid("policy.version", f"must be 1 to {MAX_INT64}")
     if p.scope not in _SCOPES:
         raise invalid("policy.scope", "must be CONTROL_PANEL, CLIENT_APP or BOTH")
     if p.roles not in _ROLES:
@@ -105,7 +124,11 @@ def member_update(req: control_pb2.UpsertMemberRequest) -> UpsertMember:
         raise invalid("role", "must be ADMIN or MEMBER")
     if len(req.peer_public_keys) > 64:
         raise invalid("peer_public_keys", "at most 64 peers per member")
-    peers = frozenset(public_key(k, f"peer_public_keys[{i}]") for i, k in enumerate(req.peer_public_keys))
+    keys = [public_key(k, f"peer_public_keys[{i}]") for i, k in enumerate(req.peer_public_keys)]
+    for i, k in enumerate(keys):
+        if k in keys[:i]:
+            raise invalid(f"peer_public_keys[{i}]", "repeats an earlier key")
+    peers = frozenset(keys)
     factor = None
     if req.HasField("totp"):
         t = req.totp
@@ -196,6 +219,8 @@ def disconnect(req: control_pb2.DisconnectRequest) -> Disconnect:
         raise invalid("target", "set member_id, peer_public_key or team_id")
     if len(req.reason) > MAX_REASON:
         raise invalid("reason", f"must be at most {MAX_REASON} characters")
+    if not req.reason.isprintable():
+        raise invalid("reason", "must be printable text (no NUL or control characters)")
     return Disconnect(
         member_id=ident(req.member_id, "member_id") if which == "member_id" else None,
         public_key=public_key(req.peer_public_key, "peer_public_key") if which == "peer_public_key" else None,

@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gatewayd.errors import EnforcementFailed, Refused, Status
+from gatewayd.errors import EnforcementFailed, JobFailed, Refused, Status
 from gatewayd.scheduling import Foreground
 from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_pb2_grpc
 
@@ -64,15 +67,49 @@ class Authorizer:
 _STATUS = {s: getattr(grpc.StatusCode, s.value) for s in Status}
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request whose bytes do not parse as its message type (malformed wire format, a string field that is
+    not UTF-8, a varint past 64 bits): answered INVALID_ARGUMENT by the guard, never seen by a servicer."""
+
+    message: str
+    """The expected message type."""
+
+
+def _parser(cls: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            return Undecodable(cls.DESCRIPTOR.name)
+    return parse
+
+
+def _add_service(servicer: Any, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
+    """Register the servicer's methods (what the generated add_*_to_server does) with request parsers that turn a
+    message that does not parse into Undecodable instead of an error gRPC would answer as UNKNOWN."""
+    handlers = {}
+    for method in service.methods:
+        request, response = (message_factory.GetMessageClass(t) for t in (method.input_type, method.output_type))
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_parser(request),
+                                     response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
 def guarded(method: Callable[..., Any], name: str, limits: ListenerLimits,
             authorizer: Authorizer | None, foreground: Foreground) -> Callable[..., Any]:
     """Wrap a servicer method (unary or server-streaming) with authorization, deadline cap and errors.
     A unary call is foreground work while it is served (streams are long-lived: they are not)."""
 
-    async def check(context: grpc.aio.ServicerContext) -> None:
+    async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
         if authorizer is not None and not authorizer.allowed(context, name):
             who = ", ".join(authorizer.principals(context)) or "anonymous"
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{who} may not call {name}")
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"not a valid {request.message} message (malformed protobuf, or a string that is "
+                                "not UTF-8)")
 
     def budget(context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -86,12 +123,15 @@ def guarded(method: Callable[..., Any], name: str, limits: ListenerLimits,
                                 f"kernel enforcement failed, the daemon keeps retrying: {exc}")
         if isinstance(exc, TimeoutError):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "server-side deadline reached")
+        if isinstance(exc, JobFailed):
+            await context.abort(grpc.StatusCode.INTERNAL, "the request failed inside the gateway and changed "
+                                "nothing; the cause is in the gateway's log")
         raise exc
 
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await check(context)
+            await check(request, context)
             try:
                 async for item in method(request, context):
                     yield item
@@ -102,11 +142,11 @@ def guarded(method: Callable[..., Any], name: str, limits: ListenerLimits,
     @functools.wraps(method)
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         with foreground.running():
-            await check(context)
+            await check(request, context)
             try:
                 async with asyncio.timeout(budget(context)):
                     return await method(request, context)
-            except (Refused, EnforcementFailed, TimeoutError) as exc:
+            except (Refused, EnforcementFailed, TimeoutError, JobFailed) as exc:
                 await fail(context, exc)
     return unary
 
@@ -141,7 +181,7 @@ async def control_server(servicer: control_pb2_grpc.ControlServiceServicer, *, t
     """One server bound to the mTLS TCP address and/or the unix socket; returns it started, and the TCP port."""
     server = _server(limits)
     _guard_all(servicer, control_pb2.DESCRIPTOR.services_by_name["ControlService"], limits, authorizer, foreground)
-    control_pb2_grpc.add_ControlServiceServicer_to_server(servicer, server)
+    _add_service(servicer, control_pb2.DESCRIPTOR.services_by_name["ControlService"], server)
     name = control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name
     await _health(server, [name])
     port = None
@@ -171,7 +211,7 @@ async def challenge_server(servicer: challenge_pb2_grpc.ChallengeServiceServicer
     """The challenge API, plain gRPC: WireGuard encrypts and authenticates the tunnel it is reached over."""
     server = _server(limits)
     _guard_all(servicer, challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"], limits, None, foreground)
-    challenge_pb2_grpc.add_ChallengeServiceServicer_to_server(servicer, server)
+    _add_service(servicer, challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"], server)
     await _health(server, [challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"].full_name])
     ports = []
     for address in addresses:

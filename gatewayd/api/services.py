@@ -25,6 +25,7 @@ from gatewayd.runtime.status import StatusSnapshot
 from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 
 MAX_PAGE = 1000
+MAX_PREFIXES = 32
 
 
 Snapshots = Callable[[str], PeerSnapshot | None]
@@ -89,6 +90,10 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
             convert.public_key(request.page_token, "page_token")
         if request.state and request.state not in convert.STATE_FROM_PB:
             raise Refused(Status.INVALID_ARGUMENT, "unknown state", field="state")
+        if request.member_id:
+            convert.ident(request.member_id, "member_id")
+        if request.team_id:
+            convert.ident(request.team_id, "team_id")
         core = self.driver.core
         state = convert.STATE_FROM_PB.get(request.state)
         chosen: list[Peer] = []
@@ -120,9 +125,28 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
             raise Refused(Status.NOT_FOUND, "no such session", field="peer_public_key")
         return convert.session(peer, self.driver.core.member_of(peer), self.snapshots(key))
 
+    async def _check_cursor(self, after: int) -> None:
+        """A resume cursor must lie within what the outbox holds: ahead of the newest event (e.g. the gateway's
+        database was re-created) or behind what retention kept, the consumer has missed events."""
+        outbox = self.driver.store.outbox
+        newest = outbox.next_cursor - 1
+        first = await outbox.first_cursor()
+        oldest = newest + 1 if first is None else first
+        if after > newest:
+            raise Refused(Status.OUT_OF_RANGE, f"is ahead of the newest event ({newest}); valid: {oldest - 1} to "
+                          f"{newest}; events were lost or this is another gateway's cursor", field="after_cursor")
+        if after != 0 and after < oldest - 1:  # 0 asks for whatever is retained
+            raise Refused(Status.OUT_OF_RANGE, f"is behind the oldest event kept ({oldest}); valid: {oldest - 1} to "
+                          f"{newest}; events after {after} up to {oldest - 1} are gone", field="after_cursor")
+
     async def WatchEvents(self, request: control_pb2.WatchEventsRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[types_pb2.Event]:
-        prefixes = tuple(request.type_prefixes)
+        if len(request.type_prefixes) > MAX_PREFIXES:
+            raise Refused(Status.INVALID_ARGUMENT, f"at most {MAX_PREFIXES} prefixes", field="type_prefixes")
+        prefixes = tuple(convert.text(p, f"type_prefixes[{i}]", allow_empty=False)
+                         for i, p in enumerate(request.type_prefixes))
+        if request.HasField("after_cursor"):
+            await self._check_cursor(convert.cursor(request.after_cursor, "after_cursor"))
         sub = EventSubscription()
         self.driver.watchers.events.add(sub)
         try:

@@ -88,11 +88,6 @@ def challenge_of(assertion: Assertion) -> bytes | None:
         return None
 
 
-def sign_count_of(assertion: Assertion) -> int | None:
-    data = assertion.authenticator_data
-    return struct.unpack(">I", data[33:37])[0] if len(data) >= 37 else None
-
-
 class Outcome(enum.Enum):
     ACCEPTED = "accepted"
     INVALID = "invalid_assertion"
@@ -111,11 +106,10 @@ class Verdict:
 
 def verify(assertion: Assertion, *, nonce: bytes, rp_id: str, origins: list[str], cose_public_key: bytes,
            stored_sign_count: int) -> Verdict:
-    """Verify an assertion against an issued nonce and a stored credential (UV required)."""
-    count = sign_count_of(assertion)
-    if count is not None and (count > 0 or stored_sign_count > 0) and count <= stored_sign_count:
-        return Verdict(outcome=Outcome.CLONED,
-                       detail=f"sign count {count} does not exceed the stored {stored_sign_count}")
+    """Verify an assertion against an issued nonce and a stored credential (UV required).
+
+    The signature is checked before the sign count (WebAuthn L2 7.2, step 20 before 21): a forged assertion is
+    invalid, never a "possible clone", so nobody holding a member's tunnel can raise clone alarms at will."""
     credential = AuthenticationCredential(
         id=b64url(assertion.credential_id), raw_id=assertion.credential_id,
         response=AuthenticatorAssertionResponse(
@@ -124,7 +118,7 @@ def verify(assertion: Assertion, *, nonce: bytes, rp_id: str, origins: list[str]
     try:
         verified = verify_authentication_response(
             credential=credential, expected_challenge=nonce, expected_rp_id=rp_id, expected_origin=origins,
-            credential_public_key=cose_public_key, credential_current_sign_count=stored_sign_count,
+            credential_public_key=cose_public_key, credential_current_sign_count=0,  # compared below, after it
             require_user_verification=True)
     except WebAuthnException as exc:
         return Verdict(outcome=Outcome.INVALID, detail=str(exc))
@@ -132,4 +126,8 @@ def verify(assertion: Assertion, *, nonce: bytes, rp_id: str, origins: list[str]
         return Verdict(outcome=Outcome.INVALID, detail=f"malformed assertion: {exc}")
     if not verified.user_verified:
         return Verdict(outcome=Outcome.INVALID, detail="user verification is required")
+    count = verified.new_sign_count
+    if (count > 0 or stored_sign_count > 0) and count <= stored_sign_count:
+        return Verdict(outcome=Outcome.CLONED,
+                       detail=f"sign count {count} does not exceed the stored {stored_sign_count}")
     return Verdict(outcome=Outcome.ACCEPTED, new_sign_count=verified.new_sign_count)

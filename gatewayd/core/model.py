@@ -142,12 +142,21 @@ class Peer:
     """Time of the demand that the owed proofs must be newer than."""
     proven_at: float | None = None
     """Time of the latest accepted proof that released the peer."""
+    admitted_at: float | None = None
+    """When the peer was last admitted without a proof (nothing owed); a re-verification interval counts from
+    it for a peer that never proved."""
     locked_reason: LockedReason | None = None
     """Why the peer is locked."""
     proofs: dict[ProofKind, float] = field(default_factory=dict)
     """Proofs accepted since the current demand."""
     step_up: bool = False
     """The current demand is a step-up (Disconnect or re-verification), not a connection policy."""
+
+    @property
+    def verified_since(self) -> float | None:
+        """What a re-verification interval counts from: the latest proof, or the admission of a peer that was
+        let in without one."""
+        return self.proven_at if self.proven_at is not None else self.admitted_at
 
     @property
     def enforced(self) -> bool:
@@ -179,3 +188,5 @@ class PeerRecord:
     """Latest handshake seen."""
     step_up: bool
     """The demand is a step-up."""
+    admitted_at: float | None = None
+    """When the peer was admitted without a proof."""

@@ -152,6 +152,7 @@ class GatewayState:
                 owes=rec.owes,
                 owes_since=rec.owes_since,
                 proven_at=rec.proven_at,
+                admitted_at=rec.admitted_at,
                 locked_reason=rec.locked_reason,
                 session_started_at=rec.session_started_at,
                 last_handshake=rec.last_handshake,
@@ -231,8 +232,9 @@ class GatewayState:
         if peer.session_live and peer.last_handshake is not None:
             candidates.append(peer.last_handshake + REJECT_AFTER_TIME)
         interval = self._reverify_interval(peer)
-        if peer.state is A and interval and peer.proven_at is not None:
-            candidates.append(peer.proven_at + interval)
+        since = peer.verified_since
+        if peer.state is A and interval and since is not None:
+            candidates.append(since + interval)
         return min(candidates) if candidates else None
 
     def _arm(self, peer: Peer) -> None:
@@ -378,7 +380,8 @@ class GatewayState:
 
     def _reverify_if_stale(self, peer: Peer, now: float, out: list[Command]) -> None:
         interval = self._reverify_interval(peer)
-        if peer.state is A and interval and peer.proven_at is not None and now >= peer.proven_at + interval:
+        since = peer.verified_since
+        if peer.state is A and interval and since is not None and now >= since + interval:
             member = self.member_of(peer)
             self._require(peer, policy.for_step_up(self.policy_of(member), member), now, out, step_up=True)
             out.append(self._publish("peer.reverify_due", peer, proven_at=peer.proven_at))
@@ -562,6 +565,8 @@ class GatewayState:
         if peer.state is None or (peer.enforced and not peer.owes):
             demand = policy.for_new_session(team, member, quarantine_unknown=unknown)
             if demand.nothing:
+                if peer.state is not A:
+                    peer.admitted_at = now
                 self._transition(peer, Trigger.WAIVE if peer.state is L else Trigger.ADMIT, out)
                 peer.locked_reason = None
             else:
@@ -664,6 +669,7 @@ def record_of(peer: Peer) -> PeerRecord:
         owes=peer.owes,
         owes_since=peer.owes_since,
         proven_at=peer.proven_at,
+        admitted_at=peer.admitted_at,
         locked_reason=peer.locked_reason,
         allowed_ips=peer.allowed_ips,
         session_started_at=peer.session_started_at,

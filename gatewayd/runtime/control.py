@@ -7,6 +7,7 @@ request changes nothing. Each job is a validated request (built by gatewayd.api.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ from gatewayd.core import events as ev
 from gatewayd.core.model import Member, Role, TeamPolicy
 from gatewayd.core.state import DisconnectOutcome, PolicyOutcome
 from gatewayd.errors import Refused, Status
-from gatewayd.ports import DeviceCredential
+from gatewayd.ports import DeviceCredential, MemberAuth
 from gatewayd.runtime.driver import Batch
 
 
@@ -85,15 +86,15 @@ class UpsertMember:
         subject = f"member/{self.member_id}"
         if self.totp is not None:
             pending = auth.reset_pending and auth.totp is not None
-            await b.state.save_totp(self.member_id, "pending" if pending else "active", self.totp)
+            await b.state.save_totp(self.member_id, "pending" if pending else "active",
+                                    _keep_replay_mark(self.totp, auth))
             # A new factor clears the lock: re-enrollment is one way the control plane unlocks.
             attempts = limits.RESET
             await b.state.save_attempts(self.member_id, attempts)
             if pending:
                 b.publish("mfa_reset.enrolled", subject, factor="totp")
             elif auth.reset_pending:
-                await b.state.set_reset_pending(self.member_id, False)
-                b.publish("mfa_reset.completed", subject, factor="totp")
+                await complete_reset(b, self.member_id)
             else:
                 b.publish("factor.enrolled", subject, factor="totp")
         if self.backup is not None:
@@ -131,6 +132,7 @@ class ResetMfa:
         _known_member(b, self.member_id)
         await b.state.set_reset_pending(self.member_id, True)
         await b.state.drop_pending_totp(self.member_id)
+        await b.state.mark_backup_set_before_reset(self.member_id)
         b.publish("mfa_reset.requested", f"member/{self.member_id}")
 
 
@@ -188,6 +190,23 @@ class Disconnect:
                         "cause": outcome.cause, "warnings": list(outcome.warnings)},
         }, b.now)
         return DisconnectResult(outcome=outcome, replayed=False)
+
+
+async def complete_reset(b: Batch, member_id: str) -> None:
+    """The new TOTP is set up: the reset is complete, and the old MFA is invalid - the old TOTP secret (replaced
+    by the caller) and the backup codes that existed when the reset was requested (a set pushed since stays).
+    Device credentials are managed on their own (replace_device_credentials) and are not touched."""
+    await b.state.set_reset_pending(member_id, False)
+    dropped = await b.state.drop_backup_set_before_reset(member_id)
+    b.publish("mfa_reset.completed", f"member/{member_id}", factor="totp", backup_codes_invalidated=dropped)
+
+
+def _keep_replay_mark(new: totp.TotpFactor, auth: MemberAuth) -> totp.TotpFactor:
+    """Re-sending an enrollment the member already has (e.g. an UpsertMember that only moves the member to
+    another team) must not lower the replay mark: a code used once stays used for that secret."""
+    marks = [f.last_step for f in (auth.totp, auth.pending_totp)
+             if f is not None and hmac.compare_digest(f.secret, new.secret)]
+    return replace(new, last_step=max([new.last_step, *marks]))
 
 
 def _outcome_from_json(o: Mapping[str, Any]) -> DisconnectOutcome:

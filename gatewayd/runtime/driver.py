@@ -40,7 +40,7 @@ from gatewayd.core.commands import (
 from gatewayd.core.model import PeerRecord
 from gatewayd.core.state import GatewayState
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.errors import EnforcementFailed, Refused
+from gatewayd.errors import EnforcementFailed, JobFailed, Refused
 from gatewayd.ports import Enforcer, FlowTable, Outbox, PeerSource, SetChange, StateStore, Store, StoredEvent
 from gatewayd.scheduling import Foreground
 
@@ -237,6 +237,15 @@ class Driver:
                         raise RuntimeError("a job refused after it changed the core") from exc
                     await self.store.rollback_savepoint()
                     results.append((item.future, exc, None))
+                except Exception:
+                    # Our bug or a store error in one request: it must not stop the daemon. Before the core was
+                    # fed, undoing the request's writes is enough; after, the core and the store may disagree
+                    # and only a restart (which rebuilds the core from the store) is safe.
+                    if batch.fed != mark:
+                        raise
+                    log.exception("job %s failed; its writes were rolled back", type(item.job).__name__)
+                    await self.store.rollback_savepoint()
+                    results.append((item.future, JobFailed(type(item.job).__name__), None))
                 else:
                     await self.store.release_savepoint()
                     results.append((item.future, None, value))

@@ -16,6 +16,7 @@ from gatewayd.core import policy
 from gatewayd.core.model import Factor, Member, Peer, PeerState, ProofKind
 from gatewayd.errors import Refused, Status
 from gatewayd.ports import MemberAuth
+from gatewayd.runtime.control import complete_reset
 from gatewayd.runtime.driver import Batch
 
 
@@ -164,8 +165,11 @@ class SubmitTotp:
         assert verdict.step is not None
         if slot == "pending":
             await b.state.promote_pending_totp(member.member_id, verdict.step)
-            await b.state.set_reset_pending(member.member_id, False)
-            b.publish("mfa_reset.completed", f"member/{member.member_id}", factor="totp")
+            await complete_reset(b, member.member_id)
+            factors = await b.state.factors(member.member_id)
+            if factors != member.factors:
+                member = replace(member, factors=factors)
+                b.feed(ev.MemberUpserted(member=member))
         else:
             await b.state.set_totp_step(member.member_id, slot, verdict.step)
         return await _accepted(b, peer, member, Factor.TOTP)

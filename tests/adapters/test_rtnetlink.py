@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.adapters.rtnetlink import LinkWatcher
+from gatewayd.adapters.rtnetlink import LinkWatcher, interface_addresses
 from tests.netns import inside, namespace
 
 pytestmark = pytest.mark.kernel
@@ -49,3 +49,14 @@ async def test_link_and_address_changes_of_one_interface() -> None:
             assert all(f.get("interface") == "wgtest0" for _, f in seen)
         finally:
             await watcher.close()
+
+
+def test_interface_addresses_lists_one_interface_v4_and_v6() -> None:
+    with namespace() as ns:
+        ip(ns, "link", "add", "wgx", "type", "veth", "peer", "name", "other")
+        ip(ns, "addr", "add", "10.55.0.1/16", "dev", "wgx")
+        ip(ns, "addr", "add", "fd55::1/64", "dev", "wgx", "nodad")
+        ip(ns, "addr", "add", "10.66.0.1/16", "dev", "other")
+        with inside(ns):
+            assert sorted(interface_addresses("wgx")) == ["10.55.0.1/16", "fd55::1/64"]
+            assert interface_addresses("missing0") == []

@@ -181,6 +181,34 @@ def test_policy_scope_and_roles() -> None:
     assert play.state() == "authorized"
 
 
+@pytest.mark.parametrize("scope", list(Scope))
+def test_scope_decides_what_a_new_session_owes_and_never_what_a_disconnect_does(scope: Scope) -> None:
+    """As the proto documents MfaScope: CLIENT_APP and BOTH enforce the connection policies on a new session,
+    CONTROL_PANEL does not; with no connection policy nothing is owed at connection; a Disconnect always is."""
+    for totp in (True, False):
+        play = Play()
+        play(ev.TeamPolicyApplied(policy=team(totp=totp, scope=scope)))
+        play(ev.MemberUpserted(member=member()))
+        play(ev.PeerConfigured(public_key=K1, allowed_ips=(IP1,)))
+        enforced = totp and scope is not Scope.CONTROL_PANEL
+        assert play.state() == ("quarantined" if enforced else "authorized")
+        play.disconnect(ev.DisconnectRequested(member_id="alice"))
+        assert play.state() == "quarantined" and play.gw.peers[K1].owes == {ProofKind.OTP}
+
+
+def test_reverify_interval_counts_from_admission_for_a_peer_that_never_proved() -> None:
+    """A peer admitted without a proof (its team asked nothing at connection) is not exempt from a
+    re-verification interval: it owes a proof once the interval has passed since its admission."""
+    play = Play()
+    play(ev.TeamPolicyApplied(policy=team(reverify=3600.0)), at=1_000_000.0)
+    play(ev.MemberUpserted(member=member()))
+    play(ev.PeerConfigured(public_key=K1, allowed_ips=(IP1,)))
+    assert play.state() == "authorized" and play.gw.peers[K1].proven_at is None
+    assert play.gw.next_deadline() == 1_003_600.0
+    out = play.timer(1_003_600.0)
+    assert play.state() == "quarantined" and "peer.reverify_due" in published(out)
+
+
 def test_policy_turned_on_quarantines_unproven_sessions() -> None:
     play = Play()
     connected(play, peers=(K1, K2))

@@ -160,10 +160,12 @@ def test_daemon_killed_keeps_quarantine_and_restart_reconciles(lab: Lab, gateway
     assert agent.probe(p1, f"{SERVER_IP}:5001") in ("connected", "ECONNREFUSED")
 
 
-def test_untracked_address_is_refused_by_the_challenge_api(lab: Lab, gateway: LabGateway, agent: Agent) -> None:
+def test_the_challenge_api_is_not_reachable_off_the_tunnel(lab: Lab, gateway: LabGateway, agent: Agent) -> None:
+    """With the default configuration the challenge listener is bound to the tunnel addresses only: from the
+    upstream network (the gateway's underlay address) there is nothing to talk to. (A caller on the tunnel
+    that is not a tracked peer is PERMISSION_DENIED: tests/api/test_challenge_api.py.)"""
     answer = agent(lab.srv_ns, "challenge", "--gateway", "198.19.0.1:9443")
-    assert answer == {"ok": False, "code": "PERMISSION_DENIED",
-                      "details": "the caller is not a tunnel address of a tracked peer"}
+    assert answer["ok"] is False and answer["code"] == "UNAVAILABLE" and "refused" in answer["details"]
 
 
 def test_quarantined_peer_is_released_by_a_device_proof(lab: Lab, gateway: LabGateway, agent: Agent) -> None:
@@ -214,3 +216,13 @@ def test_sighup_reload_keeps_the_old_config_on_a_bad_file(lab: Lab, gateway: Lab
     gateway.config_path.write_text(original.replace("max_failures = 10", "max_failures = 5"))
     reload_and_wait("config.reloaded")
     assert gateway.proc.poll() is None  # still running, still enforcing
+
+
+def test_challenge_listener_binds_only_the_tunnel_addresses(lab: Lab, gateway: LabGateway) -> None:
+    """With the default configuration the challenge API listens on the WireGuard interface's own addresses,
+    IPv4 and IPv6, and nowhere else (not the underlay, not 0.0.0.0)."""
+    out = run("ss", "-Hltn", "sport", "= :9443", ns=lab.gw_ns).stdout
+    # gRPC listens on IPv6 sockets: an IPv4 address shows as its v4-mapped form.
+    bound = sorted(line.split()[3].replace("[::ffff:", "").replace("]:", ":") if "::ffff:" in line.split()[3]
+                   else line.split()[3] for line in out.splitlines() if line.strip())
+    assert bound == ["10.99.0.1:9443", "[fd99::1]:9443"]

@@ -19,7 +19,7 @@ from gatewayd.core import events as ev
 from gatewayd.core.model import Factor, Member, Role, Roles, Scope, TeamPolicy
 from gatewayd.core.state import GatewayState
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.errors import Refused, Status
+from gatewayd.errors import JobFailed, Refused, Status
 from gatewayd.ports import SetChange
 from gatewayd.runtime.control import Disconnect, RemoveMember, ResetMfa, UpsertMember
 from gatewayd.runtime.driver import Batch, Driver, Job
@@ -225,3 +225,18 @@ async def test_tracking_events_are_fed_in_order(rig: Rig) -> None:
     await rig.driver.submit(FeedTracking((ev.PeerUnconfigured(public_key=K2),)))
     assert not rig.driver.core.peers[K2].present
     assert "10.0.0.2/32" not in rig.enforcer.tracked()
+
+
+async def test_a_job_that_fails_before_touching_the_core_is_rolled_back_and_the_driver_goes_on(rig: Rig) -> None:
+    """A store error or a bug in one request (e.g. an integer SQLite cannot hold) answers that caller with
+    JobFailed; its writes are undone and the driver keeps serving."""
+
+    async def broken(b: Batch) -> None:
+        await b.state.save_member("mallory", "t", Role.MEMBER, [])
+        raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+    (result,) = await rig.run(CallJob(broken))
+    assert isinstance(result, JobFailed)
+    assert not await rig.store.state.member_exists("mallory")
+    rig.specs.read = {}
+    assert (await rig.driver.submit(disconnect("alice"))).outcome.peers_quarantined == 1

@@ -70,6 +70,12 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX outbox_unpublished ON outbox(cursor) WHERE published = 0;
     """,
+    # 4: when a peer was admitted without a proof (re-verification counts from it); backup sets that an MFA
+    # reset will invalidate once the new factor is confirmed
+    """
+    ALTER TABLE peers ADD COLUMN admitted_at REAL;
+    ALTER TABLE backup_sets ADD COLUMN before_reset INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 

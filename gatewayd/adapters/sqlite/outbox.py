@@ -71,3 +71,8 @@ class SqliteOutbox:
             "SELECT cursor, id, type, time, subject, data_json FROM outbox WHERE cursor > ? "
             "ORDER BY cursor LIMIT ?", (cursor, limit)) as cur:
             return _events(await cur.fetchall())
+
+    async def first_cursor(self) -> int | None:
+        async with self.db.reader.execute("SELECT min(cursor) FROM outbox") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row and row[0] is not None else None

@@ -59,8 +59,10 @@ class SqliteState:
                        owes_since=r[3], proven_at=r[4],
                        locked_reason=LockedReason(r[5]) if r[5] else None,
                        allowed_ips=tuple(json.loads(r[6])), session_started_at=r[7], last_handshake=r[8],
-                       step_up=bool(r[9]))
-            for r in await self.db.all("SELECT * FROM peers")
+                       step_up=bool(r[9]), admitted_at=r[10])
+            for r in await self.db.all(
+                "SELECT public_key, state, owes, owes_since, proven_at, locked_reason, allowed_ips, "
+                "session_started_at, last_handshake, step_up, admitted_at FROM peers")
         ]
         return teams, members, records
 
@@ -161,10 +163,20 @@ class SqliteState:
 
     async def replace_backup_set(self, member_id: str, params: KdfParams, hashes: Sequence[bytes]) -> None:
         await self.db.writer.execute("DELETE FROM backup_sets WHERE member_id=?", (member_id,))
-        await self.db.writer.execute("INSERT INTO backup_sets VALUES (?,?,?,?,?,?)",
-                              (member_id, params.salt, params.n, params.r, params.p, params.dklen))
+        await self.db.writer.execute(
+            "INSERT INTO backup_sets (member_id, salt, n, r, p, dklen) VALUES (?,?,?,?,?,?)",
+            (member_id, params.salt, params.n, params.r, params.p, params.dklen))
         await self.db.writer.executemany("INSERT INTO backup_codes VALUES (?,?,?,NULL)",
                                   [(member_id, i, h) for i, h in enumerate(hashes)])
+
+    async def mark_backup_set_before_reset(self, member_id: str) -> None:
+        await self.db.writer.execute("UPDATE backup_sets SET before_reset=1 WHERE member_id=?", (member_id,))
+
+    async def drop_backup_set_before_reset(self, member_id: str) -> int:
+        rows = await self.db.all("SELECT count(*) FROM backup_codes JOIN backup_sets USING (member_id) "
+                                 "WHERE member_id=? AND before_reset=1 AND used_at IS NULL", (member_id,))
+        await self.db.writer.execute("DELETE FROM backup_sets WHERE member_id=? AND before_reset=1", (member_id,))
+        return int(rows[0][0]) if rows else 0
 
     async def backup_params(self, member_id: str) -> KdfParams | None:
         row = await self.db.one("SELECT salt, n, r, p, dklen FROM backup_sets WHERE member_id=?", (member_id,))
@@ -219,10 +231,11 @@ class SqliteState:
 
     async def save_peers(self, records: Iterable[PeerRecord]) -> None:
         await self.db.writer.executemany(
-            "INSERT OR REPLACE INTO peers VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO peers (public_key, state, owes, owes_since, proven_at, locked_reason, "
+            "allowed_ips, session_started_at, last_handshake, step_up, admitted_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [(r.public_key, r.state.value, ",".join(sorted(k.value for k in r.owes)), r.owes_since,
               r.proven_at, r.locked_reason.value if r.locked_reason else None, json.dumps(list(r.allowed_ips)),
-              r.session_started_at, r.last_handshake, int(r.step_up)) for r in records])
+              r.session_started_at, r.last_handshake, int(r.step_up), r.admitted_at) for r in records])
 
     async def forget_peers(self, keys: Iterable[str]) -> None:
         await self.db.writer.executemany("DELETE FROM peers WHERE public_key=?", [(k,) for k in keys])
