@@ -51,6 +51,9 @@ class WireGuardSection:
 class EnforcementSection:
     table: str = "gatewayd"
     """The nftables table (family inet) that gatewayd owns. It touches no other."""
+    verify_interval: float = 30.0
+    """Seconds between two full comparisons of the kernel's table with the desired state (changes by others are
+    noticed at once through nftables notifications; this catches lost ones)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,6 +246,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("wireguard.poll_interval", "must be between 0.05 and 60 seconds")
     if not cfg.wireguard.interface or len(cfg.wireguard.interface) > 15:
         raise ConfigError("wireguard.interface", "must be an interface name of 1-15 characters")
+    if not 1 <= cfg.enforcement.verify_interval <= 3600:
+        raise ConfigError("enforcement.verify_interval", "must be between 1 and 3600 seconds")
     if not cfg.enforcement.table.replace("_", "").isalnum():
         raise ConfigError("enforcement.table", "must be letters, digits and '_'")
     if cfg.control.listen:

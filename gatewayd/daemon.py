@@ -34,10 +34,11 @@ from gatewayd.config import Config, ConfigError, load
 from gatewayd.core.model import PeerState
 from gatewayd.core.state import CoreConfig, GatewayState
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.ports import Enforcer, FlowTable, PeerSource
+from gatewayd.ports import EnforcementMonitor, Enforcer, FlowTable, PeerSource
 from gatewayd.runtime.checkpoints import Checkpointer
 from gatewayd.runtime.control import Heartbeat, MarkPublished, Note
 from gatewayd.runtime.driver import Driver, JobSettings
+from gatewayd.runtime.guard import EnforcementGuard
 from gatewayd.runtime.observability import Metrics
 from gatewayd.runtime.status import StatusSnapshot, peer_counts
 from gatewayd.runtime.tracker import Tracker
@@ -55,12 +56,15 @@ class Adapters:
     flows: FlowTable | None
     watch_links: bool = False
     """Follow the WireGuard interface's link and address changes over rtnetlink."""
+    monitor: Callable[[Callable[[str], None]], EnforcementMonitor] | None = None
+    """Makes the monitor that reports others' changes of the enforcement table to the given callback."""
 
 
 def kernel_adapters(config: Config) -> Adapters:
     """The real adapters: nftables, WireGuard (kernel genetlink or UAPI), conntrack."""
     from gatewayd.adapters.conntrack import Conntrack
     from gatewayd.adapters.nftables import NftEnforcer
+    from gatewayd.adapters.nftmonitor import NftMonitor
     from gatewayd.adapters.wireguard import open_source
 
     return Adapters(
@@ -69,6 +73,7 @@ def kernel_adapters(config: Config) -> Adapters:
         source=open_source(config.wireguard),
         flows=Conntrack(),
         watch_links=True,
+        monitor=lambda on_drift: NftMonitor(config.enforcement.table, on_drift),
     )
 
 
@@ -97,6 +102,9 @@ class Daemon:
                                    poll_interval=lambda: self.config.wireguard.poll_interval, clock=clock)
             self.driver.specs = self.tracker
         self.checkpointer = Checkpointer(self.store, self.driver)
+        self.guard = EnforcementGuard(self.driver, table=config.enforcement.table,
+                                      interval=lambda: self.config.enforcement.verify_interval, clock=clock)
+        self.monitor: EnforcementMonitor | None = None
         self.publisher: OutboxPublisher | None = None
         if config.mqtt.host:
             self.publisher = OutboxPublisher(
@@ -123,7 +131,12 @@ class Daemon:
             await self.adapters.flows.start()
         teams, members, records = await self.store.load()
         self.core.restore(teams, members, records)
+        if self.adapters.monitor is not None:
+            # Listening before the first reconcile: a change made by someone else from then on is noticed.
+            self.monitor = self.adapters.monitor(self.guard.drift)
+            await self.monitor.start()
         await self.adapters.enforcer.reconcile(self.core.enforced_prefixes(), self.core.tracked_prefixes())
+        self.guard.verified_at = self.clock()
         if self.tracker is not None:
             # The first read of the interface is compared with what was stored: peers gone meanwhile are
             # unconfigured, so that their prefixes stop being tracked.
@@ -133,6 +146,7 @@ class Daemon:
                 for k, p in self.core.peers.items() if p.present})
         self._tasks.append(spawn(self.driver.run(), name="driver"))
         self._tasks.append(spawn(self.checkpointer.run(), name="checkpointer"))
+        self._tasks.append(spawn(self.guard.run(), name="enforcement-guard"))
         if self.publisher is not None:
             self._tasks.append(spawn(self.publisher.run(), name="mqtt"))
         if self.adapters.watch_links:
@@ -169,8 +183,13 @@ class Daemon:
                 lambda: {(("state", s.value),): float(n) for s, n in peer_counts(self.core)[1].items()})
         r.gauge("gatewayd_quarantined_prefixes", "Prefixes in the kernel's quarantine sets",
                 lambda: float(len(self.adapters.enforcer.quarantined())))
-        r.gauge("gatewayd_enforcement_healthy", "1 unless a kernel change failed and is being retried",
-                lambda: float(self.driver.enforcement_healthy))
+        r.gauge("gatewayd_enforcement_healthy", "1 while the kernel holds the enforcement gatewayd wants: 0 while a "
+                "change failed and is retried, or a change by someone else is not yet repaired",
+                lambda: float(self.guard.healthy))
+        r.gauge("gatewayd_enforcement_verified_age_seconds", "Seconds since the kernel's table was last found to hold "
+                "exactly the desired state", lambda: max(self.clock() - (self.guard.verified_at or self.clock()), 0.0))
+        r.gauge("gatewayd_enforcement_drift_repairs", "Changes by others to the enforcement table found and repaired "
+                "since start", lambda: float(self.guard.repairs))
         r.gauge("gatewayd_outbox_unpublished", "Events not yet acknowledged by the broker",
                 lambda: float(self.outbox[0]) if self.publisher else 0.0)
         r.gauge("gatewayd_outbox_oldest_age_seconds", "Age of the oldest event not yet acknowledged by the broker",
@@ -201,7 +220,8 @@ class Daemon:
             peers_configured=present, authorized=counts[PeerState.AUTHORIZED],
             quarantined=counts[PeerState.QUARANTINED], locked=counts[PeerState.LOCKED],
             quarantined_prefixes=len(self.adapters.enforcer.quarantined()),
-            enforcement_healthy=self.driver.enforcement_healthy, broker_configured=self.publisher is not None,
+            enforcement_healthy=self.guard.healthy, enforcement_verified_at=self.guard.verified_at,
+            broker_configured=self.publisher is not None,
             broker_connected=bool(self.publisher and self.publisher.connected),
             outbox_unpublished=self.outbox[0] if self.publisher else 0,
             outbox_oldest_age=self._outbox_age(),
@@ -351,6 +371,8 @@ class Daemon:
             await self.adapters.flows.close()
         if self.links is not None:
             await self.links.close()
+        if self.monitor is not None:
+            await self.monitor.close()
         await self.store.close()
         log.info("gatewayd stopped; quarantine left in place")
 

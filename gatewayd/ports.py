@@ -36,8 +36,9 @@ class SetChange:
 class Enforcer(Protocol):
     """The kernel's enforcement: quarantine sets and tracked-source sets."""
 
-    async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> bool:
-        """Make enforcement hold exactly these sets (creating what is missing); True if anything changed."""
+    async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> list[str]:
+        """Compare the kernel with these sets and make it hold exactly them (creating what is missing), in one
+        transaction; returns what differed, in words (empty: the kernel already held them)."""
         ...
 
     async def apply(self, change: SetChange) -> None:
@@ -51,6 +52,13 @@ class Enforcer(Protocol):
     def tracked(self) -> AbstractSet[str]:
         """The tracked prefixes, as last written (a read-only view)."""
         ...
+
+
+class EnforcementMonitor(Protocol):
+    """Tells at once when someone else changed the kernel's enforcement (nftables notifications)."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class PeerSource(Protocol):

@@ -34,11 +34,13 @@ class MemoryEnforcer:
         self.reconciles = 0
         self.fail_next = False
 
-    async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> bool:
+    async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> list[str]:
         self.reconciles += 1
-        changed = self.held != set(quarantined) or self.tracked_ != set(tracked)
+        changes = [f"{kind} differed" for kind, held, want in (("quarantine", self.held, set(quarantined)),
+                                                                ("tracked", self.tracked_, set(tracked)))
+                   if held != want]
         self.held, self.tracked_ = set(quarantined), set(tracked)
-        return changed
+        return changes
 
     async def apply(self, change: SetChange) -> None:
         if self.fail_next:

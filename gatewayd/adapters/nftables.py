@@ -203,7 +203,7 @@ class NftEnforcer:
     def tracked(self) -> AbstractSet[str]:
         return self._held["tracked"]
 
-    async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> bool:
+    async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> list[str]:
         desired = {"quarantine": {_normalize(p) for p in quarantined},
                    "tracked": {_normalize(p) for p in tracked}}
         current = self._current()
@@ -216,16 +216,24 @@ class NftEnforcer:
                 commands += self._elements("add", kind, prefixes)
             self._run(commands)
             self._held = desired
-            return True
+            return [f"table {self.table} " + ("was missing" if current is None else "had other sets, chains or rules")
+                    + f": rebuilt with {len(desired['quarantine'])} quarantined and {len(desired['tracked'])} "
+                    "tracked prefixes"]
         commands = []
+        changes = []
         for kind, prefixes in desired.items():
             held = current[1][kind]
-            commands += self._elements("add", kind, prefixes - held)
-            commands += self._elements("delete", kind, held - prefixes)
+            missing, extra = prefixes - held, held - prefixes
+            commands += self._elements("add", kind, missing)
+            commands += self._elements("delete", kind, extra)
+            for what, which in (("missing from", missing), ("extra in", extra)):
+                if which:
+                    shown = ", ".join(sorted(which)[:5]) + (f" and {len(which) - 5} more" if len(which) > 5 else "")
+                    changes.append(f"{len(which)} prefixes {what} the {kind} sets ({shown})")
         if commands:
             self._run(commands)
         self._held = desired
-        return bool(commands)
+        return changes
 
     async def apply(self, change: SetChange) -> None:
         plan = {

@@ -206,7 +206,8 @@ def status(s: StatusSnapshot) -> control_pb2.GatewayStatus:
         broker_configured=s.broker_configured, broker_connected=s.broker_connected,
         outbox_unpublished=s.outbox_unpublished, outbox_oldest_age_seconds=s.outbox_oldest_age,
         members=s.members, teams=s.teams)
-    for name, value in (("started_at", s.started_at), ("last_poll", s.last_poll)):
+    for name, value in (("started_at", s.started_at), ("last_poll", s.last_poll),
+                        ("enforcement_verified_at", s.enforcement_verified_at)):
         ts = timestamp(value)
         if ts is not None:
             getattr(msg, name).CopyFrom(ts)

@@ -29,7 +29,9 @@ class StatusSnapshot:
     quarantined_prefixes: int
     """Prefixes in the kernel's quarantine sets."""
     enforcement_healthy: bool
-    """No kernel change pending a retry."""
+    """The kernel holds the desired enforcement (no change pending a retry, no drift unrepaired)."""
+    enforcement_verified_at: float | None
+    """When the kernel's table was last found to hold exactly the desired state."""
     broker_configured: bool
     """A broker is configured."""
     broker_connected: bool

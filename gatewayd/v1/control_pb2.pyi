@@ -230,7 +230,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GatewayStatus(_message.Message):
-    __slots__ = ("gateway_id", "version", "started_at", "interface", "peers_configured", "authorized", "quarantined", "locked", "quarantined_prefixes", "enforcement_healthy", "broker_configured", "broker_connected", "outbox_unpublished", "outbox_oldest_age_seconds", "last_poll", "members", "teams")
+    __slots__ = ("gateway_id", "version", "started_at", "interface", "peers_configured", "authorized", "quarantined", "locked", "quarantined_prefixes", "enforcement_healthy", "broker_configured", "broker_connected", "outbox_unpublished", "outbox_oldest_age_seconds", "last_poll", "members", "teams", "enforcement_verified_at")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,7 @@ class GatewayStatus(_message.Message):
     LAST_POLL_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     TEAMS_FIELD_NUMBER: _ClassVar[int]
+    ENFORCEMENT_VERIFIED_AT_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     version: str
     started_at: _timestamp_pb2.Timestamp
@@ -265,7 +266,8 @@ class GatewayStatus(_message.Message):
     last_poll: _timestamp_pb2.Timestamp
     members: int
     teams: int
-    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interface: _Optional[str] = ..., peers_configured: _Optional[int] = ..., authorized: _Optional[int] = ..., quarantined: _Optional[int] = ..., locked: _Optional[int] = ..., quarantined_prefixes: _Optional[int] = ..., enforcement_healthy: _Optional[bool] = ..., broker_configured: _Optional[bool] = ..., broker_connected: _Optional[bool] = ..., outbox_unpublished: _Optional[int] = ..., outbox_oldest_age_seconds: _Optional[float] = ..., last_poll: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., members: _Optional[int] = ..., teams: _Optional[int] = ...) -> None: ...
+    enforcement_verified_at: _timestamp_pb2.Timestamp
+    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., interface: _Optional[str] = ..., peers_configured: _Optional[int] = ..., authorized: _Optional[int] = ..., quarantined: _Optional[int] = ..., locked: _Optional[int] = ..., quarantined_prefixes: _Optional[int] = ..., enforcement_healthy: _Optional[bool] = ..., broker_configured: _Optional[bool] = ..., broker_connected: _Optional[bool] = ..., outbox_unpublished: _Optional[int] = ..., outbox_oldest_age_seconds: _Optional[float] = ..., last_poll: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., members: _Optional[int] = ..., teams: _Optional[int] = ..., enforcement_verified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetTeamPolicyRequest(_message.Message):
     __slots__ = ("team_id",)

@@ -1,0 +1,49 @@
+"""nftables notifications against the kernel: a change of gatewayd's table by another process is reported
+when its transaction commits; gatewayd's own transactions and other tables' changes are not."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gatewayd.adapters.nftables import NftEnforcer
+from gatewayd.adapters.nftmonitor import NftMonitor
+from gatewayd.ports import SetChange
+from tests.netns import inside, namespace, nft
+
+pytestmark = pytest.mark.kernel
+
+
+async def settle(seen: list[str], count: int) -> None:
+    for _ in range(100):
+        if len(seen) >= count:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_changes_by_others_are_reported_and_our_own_are_not() -> None:
+    with namespace() as ns:
+        seen: list[str] = []
+        with inside(ns):
+            monitor = NftMonitor("gatewayd", seen.append)
+            await monitor.start()
+            enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+            assert await enforcer.reconcile({"10.0.0.2/32"}, {"10.0.0.2/32"})
+            await enforcer.apply(SetChange(quarantine=["10.0.0.3/32"], track=["10.0.0.3/32"]))
+        try:
+            await asyncio.sleep(0.1)
+            assert seen == []  # our own transactions
+            nft(ns, "add", "table", "inet", "somebody_else")
+            await asyncio.sleep(0.1)
+            assert seen == []  # another table
+            for cmd in (["delete", "element", "inet", "gatewayd", "quarantine4", "{ 10.0.0.2 }"],
+                        ["flush", "chain", "inet", "gatewayd", "forward_quarantine"],
+                        ["flush", "ruleset"]):
+                before = len(seen)
+                nft(ns, *cmd)
+                await settle(seen, before + 1)
+                assert len(seen) == before + 1 and "nft" in seen[-1], (cmd, seen)
+        finally:
+            with inside(ns):
+                await monitor.close()
