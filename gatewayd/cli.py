@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from gatewayd.config import ConfigError, load
+from gatewayd.errors import StartupError
 
 DEFAULT_CONFIG = Path("/etc/gatewayd/gatewayd.toml")
 
@@ -23,7 +24,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def _run(path: Path) -> int:
+def _run(path: Path, *, init_store: bool = False) -> int:
     import uvloop
 
     from gatewayd.daemon import Daemon, kernel_adapters
@@ -37,7 +38,7 @@ def _run(path: Path) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        daemon = Daemon(config, kernel_adapters(config), config_path=path)
+        daemon = Daemon(config, kernel_adapters(config), config_path=path, init_store=init_store)
         loop.add_signal_handler(signal.SIGHUP, lambda: spawn(daemon.reload(), name="reload"))
         spawn(freeze_when_ready(daemon.ready), name="gc-freeze")
         await daemon.serve(stop)
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("run", "run the daemon"), ("check-config", "validate a configuration file")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+        if name == "run":
+            p.add_argument("--init-store", action="store_true",
+                           help="if the database file exists but is unusable (empty, not a gatewayd database, "
+                           "corrupt), move it aside and start with an empty one")
+            p.add_argument("--traceback", action="store_true", help="show the traceback of a start-up failure")
     args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -61,10 +67,19 @@ def main(argv: list[str] | None = None) -> int:
             load(args.config)
             print(f"{args.config}: ok")
             return 0
-        return _run(args.config)
+        return _run(args.config, init_store=args.init_store)
     except ConfigError as exc:
         print(f"gatewayd: {args.config}: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"gatewayd: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if args.command == "run" and args.traceback:
+            raise
+        print(f"gatewayd: stopped on an unexpected error: {type(exc).__name__}: {exc} (run with --traceback for "
+              "details)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -83,8 +83,10 @@ def job_settings(config: Config) -> JobSettings:
 
 class Daemon:
     def __init__(self, config: Config, adapters: Adapters, *, clock: Callable[[], float] = time.time,
-                 autopoll: bool = True, config_path: Path | None = None) -> None:
+                 autopoll: bool = True, config_path: Path | None = None, init_store: bool = False) -> None:
         self.config = config
+        self.init_store = init_store
+        """Move an unusable database file aside and start empty (gatewayd run --init-store)."""
         self.config_path = config_path
         self.autopoll = autopoll
         self.adapters = adapters
@@ -126,7 +128,7 @@ class Daemon:
 
     async def start(self) -> None:
         self.config.gateway.database.parent.mkdir(parents=True, exist_ok=True)
-        await self.store.open()
+        await self.store.open(init=self.init_store)
         if self.adapters.flows is not None:
             await self.adapters.flows.start()
         teams, members, records = await self.store.load()
@@ -377,12 +379,22 @@ class Daemon:
         log.info("gatewayd stopped; quarantine left in place")
 
     async def serve(self, stop: asyncio.Event) -> None:
-        await self.start()
+        """Start, run until `stop` is set or a task fails, stop. A stop request during start-up is honoured at
+        once; whatever start-up opened is closed however it ends."""
+        waiter = spawn(stop.wait(), name="stop-signal")
+        starting = spawn(self.start(), name="start", awaited=True)
         try:
-            waiter = spawn(stop.wait(), name="stop-signal")
+            await asyncio.wait([waiter, starting], return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("stop requested during start-up")
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+                return
+            starting.result()
             await asyncio.wait([waiter, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in self._tasks:
                 if task.done() and task.exception() is not None:
                     raise RuntimeError(f"{task.get_name()} failed") from task.exception()
         finally:
+            waiter.cancel()
             await self.stop()

@@ -45,3 +45,8 @@ class EnforcementFailed(Exception):
 class JobFailed(Exception):
     """A request failed on our side (a bug or a store error) before it changed anything; it was rolled back and
     logged. Answered INTERNAL without details."""
+
+
+class StartupError(Exception):
+    """The daemon cannot start as configured (a file it needs is missing, unreadable, or not what it should be).
+    The message is one line that names the file and says what to do; it is shown without a traceback."""

@@ -11,6 +11,7 @@ from gatewayd.adapters.sqlite import SecretBox, SqliteStore
 from gatewayd.adapters.sqlite.database import MIGRATIONS
 from gatewayd.auth.totp import TotpFactor
 from gatewayd.core.model import Role
+from gatewayd.errors import StartupError
 
 SECRET = b"very-secret-totp-seed"
 
@@ -38,7 +39,7 @@ async def test_pragmas_and_migrations(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "s.db")
     conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
     conn.close()
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(StartupError, match="newer"):
         await opened(tmp_path / "s.db", os.urandom(32))
 
 
@@ -94,5 +95,5 @@ def test_secrets_key_file_formats(tmp_path: Path) -> None:
     box1, box2 = SecretBox.from_file(tmp_path / "raw"), SecretBox.from_file(tmp_path / "hex")
     nonce, ct = box1.seal(b"x", b"aad")
     assert box2.open(nonce, ct, b"aad") == b"x"
-    with pytest.raises(ValueError, match="32 raw bytes"):
+    with pytest.raises(StartupError, match="32 raw bytes"):
         SecretBox.from_file(tmp_path / "bad")

@@ -21,8 +21,8 @@ class SqliteStore(Database):
         self.state = SqliteState(self, box)
         self.outbox = SqliteOutbox(self)
 
-    async def open(self) -> None:
-        await super().open()
+    async def open(self, *, init: bool = False) -> None:
+        await super().open(init=init)
         await self.outbox.load_cursor()
 
     async def load(self) -> tuple[list[TeamPolicy], list[Member], list[PeerRecord]]:

@@ -12,13 +12,20 @@ writer), called by the runtime in the background.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from gatewayd.errors import StartupError
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS: list[str] = [
     # 1: initial schema
@@ -84,6 +91,47 @@ WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes of WAL file kept on disk after the writer starts it over."""
 
 
+OUR_TABLES = {"teams", "members", "peers", "outbox"}
+
+
+def _inspect(path: Path) -> str | None:
+    """What is wrong with an existing database file, or None (also for a missing file: it is created)."""
+    if not path.exists():
+        return None
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes), not a gatewayd database"
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return f"cannot be opened as SQLite ({exc})"
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        check = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+    except sqlite3.Error as exc:
+        return f"is not a usable SQLite database ({exc})"
+    finally:
+        conn.close()
+    if version > len(MIGRATIONS):
+        # Not a damaged file: nothing to move aside. Refused whatever the operator says.
+        raise StartupError(f"{path}: database schema {version} is newer than this gatewayd's ({len(MIGRATIONS)}): "
+                           "was it written by a newer version?")
+    if check != ["ok"]:
+        return f"fails SQLite's integrity check ({'; '.join(check)[:200]})"
+    if version == 0 or not OUR_TABLES <= tables:
+        return "is an SQLite database but not a gatewayd one"
+    return None
+
+
+def _move_aside(path: Path) -> Path:
+    aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        source = path.with_name(path.name + suffix)
+        if source.exists():
+            source.rename(aside.with_name(aside.name + suffix))
+    return aside
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -105,22 +153,42 @@ class Database:
             raise RuntimeError("store is not open")
         return self._reader
 
-    async def open(self) -> None:
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+    async def open(self, *, init: bool = False) -> None:
+        """Open the database, creating it if the file does not exist. An existing file that is not a healthy
+        gatewayd database (empty, not SQLite, another program's, a newer schema, failing quick_check, not
+        writable) is refused with a StartupError naming it - never replaced silently. With `init`, such a file
+        is moved aside (<name>.broken-<time>) and a new database is created in its place."""
         try:
+            problem = await asyncio.to_thread(_inspect, self.path)
+        except OSError as exc:
+            raise StartupError(f"{self.path}: cannot be read: {exc.strerror or exc}") from None
+        if problem is not None:
+            if not init:
+                raise StartupError(f"{self.path}: {problem}; refusing to start rather than replace it (every "
+                                   "member, factor and policy would be lost): restore it from a backup, or start "
+                                   "once with `gatewayd run --init-store` to move it aside and begin empty")
+            aside = _move_aside(self.path)
+            log.warning("%s: %s; moved aside to %s, starting with an empty database (--init-store)",
+                        self.path, problem, aside)
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=FULL")
             await self._db.execute("PRAGMA foreign_keys=ON")
             await self._db.execute("PRAGMA wal_autocheckpoint=0")
             await self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             await self._migrate()
+            os.chmod(self.path, 0o600)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reader.execute("PRAGMA query_only=ON")
+            self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
+        except (sqlite3.Error, OSError) as exc:
+            await self.close()
+            raise StartupError(f"{self.path}: cannot be opened for writing: {exc}") from None
         except BaseException:
+            # Closing matters: aiosqlite's thread would otherwise keep a failed process alive.
             await self.close()
             raise
-        os.chmod(self.path, 0o600)
-        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._reader.execute("PRAGMA query_only=ON")
-        self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
 
     async def close(self) -> None:
         for conn in (self._reader, self._checkpointer, self._db):
@@ -143,7 +211,8 @@ class Database:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
         if version > len(MIGRATIONS):
-            raise RuntimeError(f"database schema {version} is newer than this gatewayd ({len(MIGRATIONS)})")
+            raise StartupError(f"{self.path}: database schema {version} is newer than this gatewayd's "
+                               f"({len(MIGRATIONS)}): was it written by a newer version?")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             await self.writer.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from gatewayd.errors import StartupError
+
 
 class SecretBox:
     """Seals and opens factor secrets; the key never leaves this object."""
@@ -18,14 +20,17 @@ class SecretBox:
 
     @classmethod
     def from_file(cls, path: Path) -> SecretBox:
-        raw = path.read_bytes()
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise StartupError(f"{path}: cannot read the secrets key: {exc.strerror or exc}") from None
         text = raw.strip()
         if len(raw) == 32:
             return cls(raw)
         try:
             return cls(bytes.fromhex(text.decode("ascii")))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ValueError(f"{path}: secrets key must be 32 raw bytes or 64 hex digits") from exc
+        except (UnicodeDecodeError, ValueError):
+            raise StartupError(f"{path}: secrets key must be 32 raw bytes or 64 hex digits") from None
 
     def seal(self, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         nonce = os.urandom(12)
