@@ -33,6 +33,8 @@ class GatewaySection:
     """Peers not mapped to a member are locked in quarantine (false: forwarded)."""
     event_retention: int = 100_000
     """Events kept in the outbox for WatchEvents resumption."""
+    min_free_bytes: int = 64 * 1024 * 1024
+    """Warn when less than this is free on the database's filesystem (a full disk refuses writes)."""
 
 
 @dataclass(frozen=True, kw_only=True)

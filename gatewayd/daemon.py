@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,9 +93,9 @@ class Daemon:
         self.adapters = adapters
         self.clock = clock
         self.store = SqliteStore(config.gateway.database, SecretBox.from_file(config.gateway.secrets_key_file))
-        self.core = GatewayState(CoreConfig(quarantine_unknown_peers=config.gateway.quarantine_unknown_peers))
+        core = GatewayState(CoreConfig(quarantine_unknown_peers=config.gateway.quarantine_unknown_peers))
         self.metrics = Metrics.create()
-        self.driver = Driver(self.core, self.store, adapters.enforcer, adapters.source, adapters.flows,
+        self.driver = Driver(core, self.store, adapters.enforcer, adapters.source, adapters.flows,
                              settings=job_settings(config), clock=clock,
                              event_retention=config.gateway.event_retention,
                              keep_unpublished=bool(config.mqtt.host), max_unpublished=config.mqtt.max_unpublished)
@@ -126,6 +127,31 @@ class Daemon:
         self.outbox: tuple[int, float | None] = (0, None)  # (unpublished, oldest time), refreshed every 2 s
         self._register_gauges()
 
+    @property
+    def core(self) -> GatewayState:
+        """The driver's core (rebuilt from the store if the disk refused a batch)."""
+        return self.driver.core
+
+    def disk_free(self) -> float:
+        """Bytes free for the database (what an unprivileged writer may use)."""
+        try:
+            st = os.statvfs(self.config.gateway.database.parent)
+        except OSError:
+            return 0.0
+        return float(st.f_bavail * st.f_frsize)
+
+    async def _watch_disk(self) -> None:
+        """Warn before the disk is full (a full disk refuses writes: proofs, Disconnects, upserts)."""
+        low = False
+        while True:
+            free = self.disk_free()
+            if free < self.config.gateway.min_free_bytes and not low:
+                log.warning("only %.1f MiB free for the database %s (gateway.min_free_bytes is %.1f MiB): writes will "
+                            "be refused when it is full", free / 2**20, self.config.gateway.database,
+                            self.config.gateway.min_free_bytes / 2**20)
+            low = free < self.config.gateway.min_free_bytes
+            await asyncio.sleep(10)
+
     async def start(self) -> None:
         self.config.gateway.database.parent.mkdir(parents=True, exist_ok=True)
         await self.store.open(init=self.init_store)
@@ -149,6 +175,7 @@ class Daemon:
         self._tasks.append(spawn(self.driver.run(), name="driver"))
         self._tasks.append(spawn(self.checkpointer.run(), name="checkpointer"))
         self._tasks.append(spawn(self.guard.run(), name="enforcement-guard"))
+        self._tasks.append(spawn(self._watch_disk(), name="disk-watch"))
         if self.publisher is not None:
             self._tasks.append(spawn(self.publisher.run(), name="mqtt"))
         if self.adapters.watch_links:
@@ -204,6 +231,11 @@ class Daemon:
                 lambda: self.tracker.read_seconds if self.tracker else 0.0)
         r.gauge("gatewayd_sqlite_wal_frames", "Pages in SQLite's write-ahead log when the latest checkpoint started",
                 lambda: float(self.checkpointer.wal_frames))
+        r.gauge("gatewayd_database_disk_free_bytes", "Bytes free on the database's filesystem", self.disk_free)
+        r.gauge("gatewayd_database_writable", "0 after the database refused a write (a full disk), until one works",
+                lambda: float(self.driver.storage_failed is None))
+        r.gauge("gatewayd_sqlite_checkpoint_failures", "Checkpoints that failed and were retried",
+                lambda: float(self.checkpointer.failures))
         r.gauge("gatewayd_batch_phase_seconds", "Time spent in each phase of the latest driver batch",
                 lambda: {(("phase", k),): v for k, v in self.driver.last_batch.items()})
 

@@ -50,3 +50,8 @@ class JobFailed(Exception):
 class StartupError(Exception):
     """The daemon cannot start as configured (a file it needs is missing, unreadable, or not what it should be).
     The message is one line that names the file and says what to do; it is shown without a traceback."""
+
+
+class StorageFailed(Exception):
+    """The database could not be written (a full disk, an I/O error). Nothing of the request was kept; what was
+    committed before, and the kernel's enforcement of it, still hold. Answered UNAVAILABLE."""

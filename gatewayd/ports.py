@@ -13,6 +13,7 @@ from gatewayd.auth.limits import AttemptState
 from gatewayd.auth.totp import TotpFactor
 from gatewayd.core.model import Factor, Member, PeerRecord, Role, TeamPolicy
 from gatewayd.core.tracking import PeerSnapshot, Snapshot
+from gatewayd.errors import StorageFailed
 from gatewayd.scheduling import Pause, no_pause
 
 
@@ -233,4 +234,10 @@ class Store(Protocol):
         ...
     async def checkpoint(self) -> tuple[int, int]:
         """Copy committed WAL frames to the database file: (frames in the WAL, frames copied)."""
+        ...
+    async def load(self) -> tuple[list[TeamPolicy], list[Member], list[PeerRecord]]:
+        """Everything committed, to rebuild the core."""
+        ...
+    def storage_error(self, exc: BaseException) -> StorageFailed | None:
+        """`exc` as a StorageFailed naming the database and the cause, if it is a failure to read or write it."""
         ...

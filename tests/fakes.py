@@ -63,6 +63,8 @@ class MemorySource:
         self.resets: list[str] = []
         self.reads = 0
         self.read_seconds = 0.0
+        self.unreachable: OSError | None = None
+        """Set to make resets fail as when wireguard-go is down."""
 
     def add(self, key: str, *ips: str, handshake: float | None = None) -> None:
         self.peers[key] = PeerSnapshot(public_key=key, endpoint="192.0.2.1:51820", allowed_ips=tuple(ips),
@@ -74,6 +76,8 @@ class MemorySource:
         return dict(self.peers)
 
     async def reset_sessions(self, peers: Sequence[PeerSnapshot]) -> None:
+        if self.unreachable is not None:
+            raise self.unreachable
         self.resets.extend(p.public_key for p in peers)
 
 

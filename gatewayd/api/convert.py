@@ -235,7 +235,8 @@ def disconnect_response(result: DisconnectResult) -> control_pb2.DisconnectRespo
     outcome = result.outcome
     return control_pb2.DisconnectResponse(
         sessions_cut=outcome.sessions_cut, peers_quarantined=outcome.peers_quarantined,
-        cause=CAUSE_TO_PB[outcome.cause], warnings=list(outcome.warnings), replayed=result.replayed)
+        cause=CAUSE_TO_PB[outcome.cause], warnings=list(outcome.warnings), replayed=result.replayed,
+        pending=list(result.pending))
 
 
 def timestamp(t: float | None) -> Timestamp | None:

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gatewayd.errors import EnforcementFailed, JobFailed, Refused, Status
+from gatewayd.errors import EnforcementFailed, JobFailed, Refused, Status, StorageFailed
 from gatewayd.scheduling import Foreground
 from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_pb2_grpc
 
@@ -120,9 +120,12 @@ def guarded(method: Callable[..., Any], name: str, limits: ListenerLimits,
             await context.abort(_STATUS[exc.status], str(exc))
         if isinstance(exc, EnforcementFailed):
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"kernel enforcement failed, the daemon keeps retrying: {exc}")
+                                f"the kernel refused the firewall change ({exc}); the request is committed and the "
+                                "daemon retries until the kernel holds it (enforcement is unhealthy until then)")
         if isinstance(exc, TimeoutError):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "server-side deadline reached")
+        if isinstance(exc, StorageFailed):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         if isinstance(exc, JobFailed):
             await context.abort(grpc.StatusCode.INTERNAL, "the request failed inside the gateway and changed "
                                 "nothing; the cause is in the gateway's log")
@@ -135,7 +138,7 @@ def guarded(method: Callable[..., Any], name: str, limits: ListenerLimits,
             try:
                 async for item in method(request, context):
                     yield item
-            except (Refused, EnforcementFailed) as exc:
+            except (Refused, EnforcementFailed, StorageFailed) as exc:
                 await fail(context, exc)
         return stream
 
@@ -146,7 +149,7 @@ def guarded(method: Callable[..., Any], name: str, limits: ListenerLimits,
             try:
                 async with asyncio.timeout(budget(context)):
                     return await method(request, context)
-            except (Refused, EnforcementFailed, TimeoutError, JobFailed) as exc:
+            except (Refused, EnforcementFailed, TimeoutError, JobFailed, StorageFailed) as exc:
                 await fail(context, exc)
     return unary
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from gatewayd.ports import Store
 from gatewayd.runtime.driver import Driver
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_INTERVAL = 1.0
 """Seconds between two background SQLite checkpoints."""
@@ -25,13 +28,23 @@ class Checkpointer:
         self.store, self.driver = store, driver
         self.wal_frames = 0
         """Frames in SQLite's WAL when the latest checkpoint started."""
+        self.failures = 0
+        """Checkpoints that failed (the disk); retried."""
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.driver.foreground.quiet(), CHECKPOINT_PATIENCE)
-            await self.once()
+            try:
+                await self.once()
+            except Exception as exc:
+                # A full or failing disk: the WAL keeps the data; try again next time, never stop the daemon.
+                failure = self.store.storage_error(exc)
+                if failure is None:
+                    raise
+                self.failures += 1
+                log.warning("checkpoint failed, retrying in %.0f s: %s", CHECKPOINT_INTERVAL, failure)
 
     async def once(self) -> None:
         # The bulk (copying pages, syncing the database file) runs beside the batches that keep committing.

@@ -154,6 +154,11 @@ class DisconnectResult:
     """What was done (or, for a replay, what was done the first time)."""
     replayed: bool
     """The idempotency key was seen before: nothing was done now."""
+    pending: tuple[str, ...] = ()
+    """Parts not done yet (the quarantine itself holds): e.g. session keys while WireGuard does not answer."""
+
+    def with_pending(self, notes: tuple[str, ...]) -> DisconnectResult:
+        return replace(self, pending=self.pending + notes)
 
 
 @dataclass(frozen=True, kw_only=True)

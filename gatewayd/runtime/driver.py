@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from gatewayd.auth.device import DevicePolicy
 from gatewayd.auth.limits import AttemptPolicy
@@ -40,7 +40,7 @@ from gatewayd.core.commands import (
 from gatewayd.core.model import PeerRecord
 from gatewayd.core.state import GatewayState
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.errors import EnforcementFailed, JobFailed, Refused
+from gatewayd.errors import EnforcementFailed, JobFailed, Refused, StorageFailed
 from gatewayd.ports import Enforcer, FlowTable, Outbox, PeerSource, SetChange, StateStore, Store, StoredEvent
 from gatewayd.scheduling import Foreground
 
@@ -89,6 +89,14 @@ class Batch:
 
     def publish(self, type_: str, subject: str, **data: Any) -> None:
         self.commands.append(Publish(type=type_, subject=subject, data=data))
+
+
+@runtime_checkable
+class Pending(Protocol):
+    """A result that can say which parts of its effect are still pending (e.g. a Disconnect whose session keys
+    could not be dropped yet while its quarantine holds)."""
+
+    def with_pending(self, notes: tuple[str, ...]) -> Any: ...
 
 
 class Job(Protocol[T_co]):
@@ -167,6 +175,12 @@ class Driver:
         self.watchers = Watchers()
         self.specs = specs
         self.settings = settings or JobSettings()
+        self.last_pending: tuple[str, ...] = ()
+        """What the latest batch left pending (told to Disconnect callers)."""
+        self.storage_failed: StorageFailed | None = None
+        """The latest failure to write the database, until a batch commits again."""
+        self.on_core_rebuilt: list[Callable[[], None]] = []
+        """Called after the core was rebuilt from the store (a batch the disk refused was given up)."""
         self.pending_resets: set[str] = set()
         """Peers whose session keys must be dropped once the interface was read (their configuration is not
         known yet: a reset re-adds a peer with it, so guessing would lose its endpoint or preshared key)."""
@@ -237,26 +251,51 @@ class Driver:
                         raise RuntimeError("a job refused after it changed the core") from exc
                     await self.store.rollback_savepoint()
                     results.append((item.future, exc, None))
-                except Exception:
+                except Exception as exc:
                     # Our bug or a store error in one request: it must not stop the daemon. Before the core was
-                    # fed, undoing the request's writes is enough; after, the core and the store may disagree
-                    # and only a restart (which rebuilds the core from the store) is safe.
+                    # fed, undoing the request's writes is enough; after, the core and the store may disagree:
+                    # the whole batch is given up and the core rebuilt from the store (below).
                     if batch.fed != mark:
                         raise
-                    log.exception("job %s failed; its writes were rolled back", type(item.job).__name__)
-                    await self.store.rollback_savepoint()
-                    results.append((item.future, JobFailed(type(item.job).__name__), None))
+                    storage = self.store.storage_error(exc)
+                    if storage is None:
+                        log.exception("job %s failed; its writes were rolled back", type(item.job).__name__)
+                    else:
+                        log.error("%s", storage)
+                    try:
+                        await self.store.rollback_savepoint()
+                    except Exception as undo:
+                        raise storage or undo from exc  # the transaction is unusable: give the batch up
+                    results.append((item.future, storage or JobFailed(type(item.job).__name__), None))
                 else:
                     await self.store.release_savepoint()
                     results.append((item.future, None, value))
             batch.commands.extend(self.core.handle_timer(now))
             self.last_batch = {"jobs": time.perf_counter() - started}
             failure = await self._execute(batch)
-        except BaseException as exc:
+        except Exception as exc:
+            storage = self.store.storage_error(exc)
+            if storage is None:
+                for item in queued:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                raise
+            # The disk refused the batch (full, I/O error): nothing of it is kept. The core is rebuilt from what
+            # was committed and the kernel made to hold exactly that; callers hear which disk; the daemon goes on.
+            log.error("%s", storage)
+            await self._rebuild_after(storage)
             for item in queued:
                 if not item.future.done():
-                    item.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
+                    item.future.set_exception(storage)
+            return
+        except BaseException:
+            for item in queued:
+                if not item.future.done():
+                    item.future.set_exception(RuntimeError("stopped"))
             raise
+        if self.storage_failed is not None:
+            log.info("the database takes writes again")
+            self.storage_failed = None
         self.batches += 1
         for fut, error, value in results:
             if fut.done():
@@ -265,6 +304,8 @@ class Driver:
                 fut.set_exception(error)
             elif failure is not None:
                 fut.set_exception(failure)
+            elif self.last_pending and isinstance(value, Pending):
+                fut.set_result(value.with_pending(self.last_pending))
             else:
                 fut.set_result(value)
 
@@ -329,11 +370,25 @@ class Driver:
         # Once the quarantine holds, dropping session keys, deleting flows and committing are independent:
         # run them together; the callers are answered only when all three are done.
         async def cut() -> None:
+            # Both are done after the quarantine holds; a failure of either leaves that quarantine in place, so
+            # it is not a failure of the request: the callers are told what is pending, and it is retried.
             if resets and self.source is not None:
-                await self.source.reset_sessions(resets)
+                try:
+                    await self.source.reset_sessions(resets)
+                except Exception as exc:
+                    self.pending_resets.update(r.public_key for r in resets)
+                    log.error("session reset of %d peers failed, retried after the next read: %s", len(resets), exc)
+                    pending.append(f"session keys of {len(resets)} peers not dropped yet (WireGuard: {exc}); "
+                                   "retried once the interface answers; their traffic is blocked meanwhile")
             if flushes and self.flows is not None:
-                await self.flows.flush(flushes)
+                try:
+                    await self.flows.flush(flushes)
+                except Exception as exc:
+                    log.error("conntrack flush failed: %s", exc)
+                    pending.append(f"connection tracking entries not deleted ({exc}); the quarantine does not "
+                                   "depend on them")
 
+        pending: list[str] = []
         cut_task = asyncio.ensure_future(cut())
         # Serialising events is CPU work: it overlaps with the kernel work of cut() (socket I/O).
         outbox = self.store.outbox
@@ -356,8 +411,8 @@ class Driver:
         if isinstance(persisted, BaseException):
             raise persisted
         if isinstance(cut_result, BaseException):
-            log.error("session reset or flow flush failed: %s", cut_result)
-            failure = failure or EnforcementFailed(str(cut_result))
+            raise cut_result
+        self.last_pending = tuple(pending)
         lap("cut+commit")
         for e in events:
             log.info("event %s %s %s", e.type, e.subject, e.data_json)
@@ -377,6 +432,17 @@ class Driver:
         touched = set(saves) | {e.subject.removeprefix("peer/") for e in events if e.subject.startswith("peer/")}
         self._notify(events, touched)
         return failure
+
+    async def _rebuild_after(self, failure: StorageFailed) -> None:
+        self.storage_failed = failure
+        with contextlib.suppress(Exception):
+            await self.store.rollback()
+        core = GatewayState(self.core.config)
+        core.restore(*await self.store.load())
+        self.core = core
+        for hook in self.on_core_rebuilt:
+            hook()
+        await self.retry_reconcile()
 
     def _reset_specs(self, keys: Iterable[str]) -> list[PeerSnapshot]:
         """The full configuration of each peer to reset; a peer never read yet waits in pending_resets."""

@@ -60,6 +60,9 @@ class Tracker:
         self.clock = clock
         self._baseline: dict[str, PeerSnapshot] = {}
         self._read: dict[str, PeerSnapshot] | None = None
+        self._rebase = False
+        """Diff the next read against _baseline (what the core knows) rather than the previous read."""
+        driver.on_core_rebuilt.append(self.rebase)
         self.last_poll: float | None = None
         self.read_seconds = 0.0
         """How long reads of the interface keep it busy, smoothed over the latest reads."""
@@ -70,6 +73,14 @@ class Tracker:
         """What the store says was on the interface: the first read is compared with it, so that peers gone
         meanwhile are unconfigured. It is never used as a peer's configuration."""
         self._baseline = dict(baseline)
+
+    def rebase(self) -> None:
+        """The core was rebuilt from the store: compare the next read with what the core now knows."""
+        self._baseline = {
+            k: PeerSnapshot(public_key=k, endpoint=p.endpoint, allowed_ips=p.allowed_ips,
+                            last_handshake=p.last_handshake, keepalive=0)
+            for k, p in self.driver.core.peers.items() if p.present}
+        self._rebase = True
 
     @property
     def has_read(self) -> bool:
@@ -92,15 +103,19 @@ class Tracker:
         snapshot = await self.source.read(quiet)
         latest = self.source.read_seconds
         self.read_seconds = latest if not self.read_seconds else 0.7 * self.read_seconds + 0.3 * latest
-        previous = self._read if self._read is not None else self._baseline
-        events = await diff_in_slices(previous, snapshot, quiet)
-        first = self._read is None
-        self._read = dict(snapshot)
-        self._baseline = {}
+        read_before, rebase = self._read, self._rebase or self._read is None
+        events = await diff_in_slices(self._baseline if rebase else read_before or {}, snapshot, quiet)
+        first = read_before is None
+        self._read, self._rebase = dict(snapshot), False
         self.metrics.poll_seconds.observe(time.perf_counter() - started)
         self.last_poll = self.clock()
         if events:
-            await self.driver.submit(FeedTracking(tuple(events)))
+            try:
+                await self.driver.submit(FeedTracking(tuple(events)))
+            except Exception:
+                # Not recorded (e.g. the disk refused it): the next read must produce these events again.
+                self._rebase = True
+                raise
         if first or self.driver.pending_resets:
             async with self.driver.between_batches():
                 await self.driver.reset_pending()

@@ -46,18 +46,20 @@ class DisconnectRequest(_message.Message):
     def __init__(self, member_id: _Optional[str] = ..., peer_public_key: _Optional[str] = ..., team_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class DisconnectResponse(_message.Message):
-    __slots__ = ("sessions_cut", "peers_quarantined", "cause", "warnings", "replayed")
+    __slots__ = ("sessions_cut", "peers_quarantined", "cause", "warnings", "replayed", "pending")
     SESSIONS_CUT_FIELD_NUMBER: _ClassVar[int]
     PEERS_QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     sessions_cut: int
     peers_quarantined: int
     cause: DisconnectCause
     warnings: _containers.RepeatedScalarFieldContainer[str]
     replayed: bool
-    def __init__(self, sessions_cut: _Optional[int] = ..., peers_quarantined: _Optional[int] = ..., cause: _Optional[_Union[DisconnectCause, str]] = ..., warnings: _Optional[_Iterable[str]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    pending: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sessions_cut: _Optional[int] = ..., peers_quarantined: _Optional[int] = ..., cause: _Optional[_Union[DisconnectCause, str]] = ..., warnings: _Optional[_Iterable[str]] = ..., replayed: _Optional[bool] = ..., pending: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TeamPolicy(_message.Message):
     __slots__ = ("team_id", "version", "scope", "roles", "totp_prior_connection", "device_prior_connection", "reverify_interval_seconds")

@@ -275,3 +275,19 @@ async def test_daemon_starts_while_the_interface_is_missing(tmp_path: Path) -> N
         assert h.daemon.ready.is_set() and h.enforcer.reconciles == 1
     finally:
         await stop(h)
+
+
+async def test_disconnect_while_wireguard_is_down_says_what_holds_and_what_is_pending(gw: Harness) -> None:
+    """The quarantine holds and is committed; only the session keys wait for WireGuard: the answer says so (it
+    is not an error), and the keys are dropped once the interface answers again."""
+    gw.source.add(key(1), "10.6.0.1/32", handshake=gw.clock() - 1)
+    await gw.enroll("alice", (key(1),))
+    await gw.poll()
+    gw.source.unreachable = ConnectionRefusedError(111, "Connection refused")
+    res = await gw.local().Disconnect(disconnect(idem="wg-down"))
+    assert res.peers_quarantined == 1 and gw.enforcer.held == {"10.6.0.1/32"}
+    assert len(res.pending) == 1 and "session keys of 1 peers not dropped yet" in res.pending[0]
+    assert "Connection refused" in res.pending[0] and gw.source.resets == []
+    gw.source.unreachable = None
+    await gw.poll()
+    assert gw.source.resets == [key(1)] and not gw.daemon.driver.pending_resets

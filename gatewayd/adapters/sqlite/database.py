@@ -13,6 +13,7 @@ writer), called by the runtime in the background.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import sqlite3
@@ -23,7 +24,7 @@ from typing import Any
 
 import aiosqlite
 
-from gatewayd.errors import StartupError
+from gatewayd.errors import StartupError, StorageFailed
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,17 @@ class Database:
                                f"({len(MIGRATIONS)}): was it written by a newer version?")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             await self.writer.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version={number}; COMMIT;")
+
+    def storage_error(self, exc: BaseException) -> StorageFailed | None:
+        if isinstance(exc, StorageFailed):
+            return exc
+        if not isinstance(exc, (sqlite3.Error, OSError)):
+            return None
+        cause = str(exc) or type(exc).__name__
+        if "full" in cause or getattr(exc, "errno", None) == errno.ENOSPC:
+            cause = f"the disk is full ({cause})"
+        return StorageFailed(f"the gateway's database {self.path} could not be written: {cause}; nothing of this "
+                             "request was kept, what was committed before (and its enforcement) holds")
 
     # ---- transactions (the driver's) --------------------------------------------------------------
 
