@@ -48,6 +48,7 @@ fuzz: deps
 
 bench: deps
 	$(BIN)/python -m bench.disconnect --out bench/results.json
+	$(BIN)/python -m bench.drift --out bench/drift.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

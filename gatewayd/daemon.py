@@ -57,7 +57,7 @@ class Adapters:
     flows: FlowTable | None
     watch_links: bool = False
     """Follow the WireGuard interface's link and address changes over rtnetlink."""
-    monitor: Callable[[Callable[[str], None]], EnforcementMonitor] | None = None
+    monitor: Callable[[Callable[[str, dict[str, set[str]] | None], None]], EnforcementMonitor] | None = None
     """Makes the monitor that reports others' changes of the enforcement table to the given callback."""
 
 

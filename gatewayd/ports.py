@@ -42,6 +42,13 @@ class Enforcer(Protocol):
         transaction; returns what differed, in words (empty: the kernel already held them)."""
         ...
 
+    async def reassert(self, quarantined: Collection[str], tracked: Collection[str], *, elements: bool = True
+                       ) -> None:
+        """Put back everything enforcement must hold, in one transaction, without reading the kernel first (fast
+        after someone else removed part of it); extras someone added stay until the next reconcile. Without
+        `elements`, only the structure (table, sets, chains, rules)."""
+        ...
+
     async def apply(self, change: SetChange) -> None:
         """Apply one change in one atomic transaction."""
         ...
@@ -53,6 +60,10 @@ class Enforcer(Protocol):
     def tracked(self) -> AbstractSet[str]:
         """The tracked prefixes, as last written (a read-only view)."""
         ...
+
+
+RULES = "(rules)"
+"""In a drift report's scope: the change touched only chains and rules (nftables monitor)."""
 
 
 class EnforcementMonitor(Protocol):

@@ -42,6 +42,12 @@ class MemoryEnforcer:
         self.held, self.tracked_ = set(quarantined), set(tracked)
         return changes
 
+    async def reassert(self, quarantined: Collection[str], tracked: Collection[str], *, elements: bool = True
+                       ) -> None:
+        if elements:
+            self.held |= set(quarantined)
+            self.tracked_ |= set(tracked)
+
     async def apply(self, change: SetChange) -> None:
         if self.fail_next:
             self.fail_next = False

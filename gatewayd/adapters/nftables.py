@@ -235,6 +235,29 @@ class NftEnforcer:
         self._held = desired
         return changes
 
+    async def reassert(self, quarantined: Collection[str], tracked: Collection[str], *, elements: bool = True
+                       ) -> None:
+        """Put back, in one transaction and without reading the kernel first, everything the table must hold:
+        the table, its sets and chains (added if missing), the chains' rules (flushed and added again) and every
+        element (added: those still there stay). Elements someone added are not removed here (reconcile
+        does that). Fails if someone redefined an object with another shape; reconcile rebuilds then."""
+        desired = {"quarantine": {_normalize(p) for p in quarantined},
+                   "tracked": {_normalize(p) for p in tracked}}
+        table = {"table": {"family": FAMILY, "name": self.table}}
+        commands: list[dict[str, Any]] = [{"add": table}]
+        commands += [{"add": item} for item in self._sets()]
+        chains = self._chains()
+        commands += [{"add": item} for item in chains]
+        commands += [{"flush": {"chain": {"family": FAMILY, "table": self.table, "name": c["chain"]["name"]}}}
+                     for c in chains]
+        commands += [{"add": item} for item in self._rules()]
+        if elements:
+            for kind, prefixes in desired.items():
+                commands += self._elements("add", kind, prefixes)
+        self._run(commands)
+        if elements:
+            self._held = desired
+
     async def apply(self, change: SetChange) -> None:
         plan = {
             "quarantine": ({_normalize(p) for p in change.quarantine}, {_normalize(p) for p in change.release}),

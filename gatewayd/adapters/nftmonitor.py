@@ -11,6 +11,7 @@ overflowed, notifications were lost: that is reported too, so the caller verifie
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ import threading
 from collections.abc import Callable
 
 from gatewayd.netlink import attrs, messages
+from gatewayd.ports import RULES
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +35,43 @@ TABLE_ATTR = 1
 NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 2, 3
 OBJECT_MESSAGES = frozenset(range(NFT_MSG_NEWTABLE, NFT_MSG_NEWGEN))
 
-Drift = Callable[[str], None]
-"""Called with who changed the table ("nft (pid 123)") or "notifications lost"."""
+Drift = Callable[[str, dict[str, set[str]] | None], None]
+"""Called with who changed the table and what they did ("nft (pid 123) deleted set elements"), or
+"notifications lost"; and what must be put back: the deleted elements by set name when that is all the change
+did, {RULES: set()} when it touched only chains and rules, None when the whole table must be put back."""
+
+
+WHAT = {0: "added the table", 2: "deleted the table", 3: "added chains", 5: "deleted chains", 6: "added rules",
+        8: "deleted rules", 9: "added sets", 11: "deleted sets", 12: "added set elements",
+        14: "deleted set elements"}
+
+
+RULES_ONLY = frozenset({"added chains", "deleted chains", "added rules", "deleted rules"})
+NFT_MSG_DELSETELEM = 14
+NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 2, 3
+NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 1, 1, 1
+
+
+def deleted_elements(body: bytes) -> tuple[str, set[str]] | None:
+    """(set name, host prefixes) of a DELSETELEM message whose elements all carry an address key; None when it
+    does not say which (a flushed set, interval elements)."""
+    found = dict(attrs(body))
+    name = found.get(NFTA_SET_ELEM_LIST_SET, b"").split(b"\0", 1)[0].decode(errors="replace")
+    prefixes: set[str] = set()
+    for kind, elem in attrs(found.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")):
+        if kind != NFTA_LIST_ELEM:
+            return None
+        key = dict(attrs(elem)).get(NFTA_SET_ELEM_KEY)
+        value = dict(attrs(key)).get(NFTA_DATA_VALUE) if key is not None else None
+        if value is None or len(value) not in (4, 16):
+            return None
+        prefixes.add(f"{ipaddress.ip_address(value)}/{len(value) * 8}")
+    return (name, prefixes) if name and prefixes else None
 
 
 def decode(data: bytes, table: str) -> list[tuple[str, object]]:
-    """("touched", None) for each message about `table` (family inet), ("gen", (pid, name)) for each NEWGEN."""
+    """("touched", (what, deleted elements or None)) for each message about `table` (family inet), ("gen", (pid,
+    name)) for each NEWGEN."""
     out: list[tuple[str, object]] = []
     for kind, body in messages(data):
         if kind >> 8 != NFNL_SUBSYS_NFTABLES or len(body) < 4:
@@ -52,7 +85,8 @@ def decode(data: bytes, table: str) -> list[tuple[str, object]]:
         elif msg in OBJECT_MESSAGES and family == NFPROTO_INET:
             name = found.get(TABLE_ATTR, b"").split(b"\0", 1)[0].decode(errors="replace")
             if name == table:
-                out.append(("touched", None))
+                deleted = deleted_elements(body[4:]) if msg == NFT_MSG_DELSETELEM else None
+                out.append(("touched", (WHAT.get(msg, f"message {msg}"), deleted)))
     return out
 
 
@@ -63,7 +97,11 @@ class NftMonitor:
         self.table = table
         self.on_drift = on_drift
         self._sock: socket.socket | None = None
-        self._touched = False
+        self._touched: dict[str, int] = {}
+        """What the transaction under way did to our table, and how many times."""
+        self._deleted: dict[str, set[str]] = {}
+        self._precise = True
+        """The transaction under way only deleted elements whose addresses are known (in _deleted)."""
         self._own: set[int] = {os.getpid()}
 
     async def start(self) -> None:
@@ -92,15 +130,26 @@ class NftMonitor:
             except OSError as exc:
                 # ENOBUFS: notifications were lost; only a full comparison can tell what changed.
                 log.warning("nftables notifications lost (%s): verifying the table", exc)
-                self._touched = False
-                self.on_drift("notifications lost")
+                self._touched, self._deleted, self._precise = {}, {}, True
+                self.on_drift("notifications lost", None)
                 continue
             for what, value in decode(data, self.table):
-                if what == "touched":
-                    self._touched = True
-                    continue
                 assert isinstance(value, tuple)
+                if what == "touched":
+                    kind, deleted = value
+                    self._touched[kind] = self._touched.get(kind, 0) + 1
+                    if deleted is None:
+                        self._precise = False
+                    elif self._precise:
+                        name, prefixes = deleted
+                        self._deleted.setdefault(name, set()).update(prefixes)
+                    continue
                 pid, name = value
                 if self._touched and pid not in self._own:
-                    self.on_drift(f"{name or 'unknown'} (pid {pid})")
-                self._touched = False
+                    done = ", ".join(f"{w} ({n})" if n > 1 else w for w, n in self._touched.items())
+                    if self._touched.keys() <= RULES_ONLY:
+                        scope: dict[str, set[str]] | None = {RULES: set()}
+                    else:
+                        scope = self._deleted if self._precise else None
+                    self.on_drift(f"{name or 'unknown'} (pid {pid}) {done}", scope)
+                self._touched, self._deleted, self._precise = {}, {}, True

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from gatewayd.ports import RULES, SetChange
 from gatewayd.runtime.control import Note
 from gatewayd.runtime.driver import Driver
 
@@ -36,19 +37,28 @@ class EnforcementGuard:
         """When the kernel was last found to hold exactly what the core says."""
         self.repairs = 0
         """Drifts found and repaired."""
+        self.reasserted_at = 0.0
+        """perf_counter() when the latest reported drift was put back (the window closed)."""
         self.repaired = asyncio.Event()
         """Set after each verification (tests and benchmarks wait on it)."""
         self._wake = asyncio.Event()
         self._reasons: list[str] = []
+        self._deleted: dict[str, set[str]] | None = {}
 
     @property
     def healthy(self) -> bool:
         return self.driver.enforcement_healthy and not self.suspect
 
-    def drift(self, who: str) -> None:
-        """The monitor's callback: someone else changed the table (or notifications were lost)."""
+    def drift(self, who: str, deleted: dict[str, set[str]] | None = None) -> None:
+        """The monitor's callback: someone else changed the table (or notifications were lost). `deleted`: the
+        elements the change deleted, by set name, when that is all it did (they alone are put back)."""
         self.suspect = True
         self._reasons.append(who)
+        if deleted is None or self._deleted is None:
+            self._deleted = None
+        else:
+            for name, prefixes in deleted.items():
+                self._deleted.setdefault(name, set()).update(prefixes)
         self._wake.set()
 
     async def run(self) -> None:
@@ -62,10 +72,21 @@ class EnforcementGuard:
     async def verify(self) -> list[str]:
         """Compare the kernel with the core and repair the difference; returns what differed."""
         reasons, self._reasons = self._reasons, []
+        deleted, self._deleted = self._deleted, {}
         core = self.driver.core
+        enforcer = self.driver.enforcer
         try:
+            if reasons:
+                # Reported by the monitor: put back what was removed first, without reading the kernel (the
+                # window closes in one small transaction), then compare in a second step (removes what someone
+                # added, and finds anything the notifications did not say).
+                async with self.driver.between_batches():
+                    await self._put_back(deleted)
+                self.reasserted_at = time.perf_counter()
             async with self.driver.between_batches():
-                changes = await self.driver.enforcer.reconcile(core.enforced_prefixes(), core.tracked_prefixes())
+                changes = await enforcer.reconcile(core.enforced_prefixes(), core.tracked_prefixes())
+            if reasons and not changes:
+                changes = ["restored what the other process removed"]
         except Exception as exc:
             self.suspect = True
             self._reasons = reasons + self._reasons
@@ -83,6 +104,24 @@ class EnforcementGuard:
             log.warning("enforcement drift repaired (changed by %s): %s", ", ".join(by), "; ".join(changes))
             await self._publish("enforcement.drift_repaired", {"changes": changes, "changed_by": by})
         return changes
+
+    async def _put_back(self, deleted: dict[str, set[str]] | None) -> None:
+        core, enforcer = self.driver.core, self.driver.enforcer
+        if deleted is not None and deleted.keys() == {RULES}:
+            with contextlib.suppress(Exception):
+                await enforcer.reassert(core.enforced_prefixes(), core.tracked_prefixes(), elements=False)
+            return
+        if deleted is not None:
+            # Only elements were deleted, and the notification named them: add back those that belong.
+            gone: set[str] = set().union(*deleted.values()) if deleted else set()
+            quarantine = sorted(gone & core.enforced_prefixes()) if any(n.startswith("quarantine") for n in deleted) \
+                else []
+            track = sorted(gone & core.tracked_prefixes()) if any(n.startswith("tracked") for n in deleted) else []
+            with contextlib.suppress(Exception):  # the comparison that follows repairs it anyway
+                await enforcer.apply(SetChange(quarantine=quarantine, track=track))
+            return
+        with contextlib.suppress(Exception):  # a redefined object: the comparison that follows rebuilds the table
+            await enforcer.reassert(core.enforced_prefixes(), core.tracked_prefixes())
 
     async def _publish(self, type_: str, data: dict[str, object]) -> None:
         with contextlib.suppress(Exception):  # the event is a report; the repair itself must not depend on it

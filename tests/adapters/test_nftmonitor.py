@@ -9,7 +9,7 @@ import pytest
 
 from gatewayd.adapters.nftables import NftEnforcer
 from gatewayd.adapters.nftmonitor import NftMonitor
-from gatewayd.ports import SetChange
+from gatewayd.ports import RULES, SetChange
 from tests.netns import inside, namespace, nft
 
 pytestmark = pytest.mark.kernel
@@ -25,8 +25,14 @@ async def settle(seen: list[str], count: int) -> None:
 async def test_changes_by_others_are_reported_and_our_own_are_not() -> None:
     with namespace() as ns:
         seen: list[str] = []
+        deleted: list[dict[str, set[str]] | None] = []
+
+        def report(who: str, gone: dict[str, set[str]] | None) -> None:
+            seen.append(who)
+            deleted.append(gone)
+
         with inside(ns):
-            monitor = NftMonitor("gatewayd", seen.append)
+            monitor = NftMonitor("gatewayd", report)
             await monitor.start()
             enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
             assert await enforcer.reconcile({"10.0.0.2/32"}, {"10.0.0.2/32"})
@@ -44,6 +50,9 @@ async def test_changes_by_others_are_reported_and_our_own_are_not() -> None:
                 nft(ns, *cmd)
                 await settle(seen, before + 1)
                 assert len(seen) == before + 1 and "nft" in seen[-1], (cmd, seen)
+            # A deleted element is named (the daemon puts back just that); a flushed chain or ruleset is not.
+            assert deleted == [{"quarantine4": {"10.0.0.2/32"}}, {RULES: set()}, None]
+            assert "deleted set elements" in seen[0] and "deleted rules" in seen[1]
         finally:
             with inside(ns):
                 await monitor.close()
