@@ -1,9 +1,12 @@
-"""Netlink message framing shared by the raw-socket adapters (conntrack, rtnetlink)."""
+"""Netlink message framing and multicast subscriptions shared by the raw-socket adapters (conntrack, rtnetlink,
+nftables notifications)."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 NLMSG_HEADER = struct.Struct("=IHHII")
 NLA_HEADER = struct.Struct("=HH")
@@ -35,3 +38,42 @@ def attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
 def nla(kind: int, payload: bytes) -> bytes:
     """One attribute, padded to 4 bytes."""
     return NLA_HEADER.pack(NLA_HEADER.size + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+
+class Subscription:
+    """A raw netlink socket bound to multicast groups and read on the event loop (add_reader: pyroute2's async
+    classes do not run under uvloop). `on_data` gets each datagram; `on_overflow` is called when the kernel
+    dropped messages because the socket's buffer was full (ENOBUFS): what they said is lost."""
+
+    def __init__(self, protocol: int, groups: int, on_data: Callable[[bytes], None],
+                 on_overflow: Callable[[OSError], None], *, rcvbuf: int | None = None) -> None:
+        self.protocol, self.groups, self.rcvbuf = protocol, groups, rcvbuf
+        self.on_data, self.on_overflow = on_data, on_overflow
+        self._sock: socket.socket | None = None
+
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, self.protocol)
+        if self.rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+        sock.bind((0, self.groups))
+        sock.setblocking(False)
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.on_overflow(exc)
+                continue
+            self.on_data(data)

@@ -42,6 +42,11 @@ class MemoryEnforcer:
         self.held, self.tracked_ = set(quarantined), set(tracked)
         return changes
 
+    async def verify(self, quarantined: Collection[str], tracked: Collection[str]) -> list[str]:
+        return [f"{kind} differed" for kind, held, want in (("quarantine", self.held, set(quarantined)),
+                                                             ("tracked", self.tracked_, set(tracked)))
+                if held != want]
+
     async def reassert(self, quarantined: Collection[str], tracked: Collection[str], *, elements: bool = True
                        ) -> None:
         if elements:

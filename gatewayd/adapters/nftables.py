@@ -16,6 +16,7 @@ one transaction.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import threading
@@ -65,6 +66,15 @@ def _from_elem(elem: Any) -> str:
     raise NftError(f"unexpected set element {elem!r}")
 
 
+def _describe(kind: str, missing: set[str], extra: set[str]) -> list[str]:
+    out = []
+    for what, which in (("missing from", missing), ("extra in", extra)):
+        if which:
+            shown = ", ".join(sorted(which)[:5]) + (f" and {len(which) - 5} more" if len(which) > 5 else "")
+            out.append(f"{len(which)} prefixes {what} the {kind} sets ({shown})")
+    return out
+
+
 class NftEnforcer:
     def __init__(self, *, table: str, interface: str, challenge_port: int) -> None:
         self.table, self.interface, self.port = table, interface, challenge_port
@@ -74,6 +84,10 @@ class NftEnforcer:
         self._held: dict[str, set[str]] = {kind: set() for kind in SETS}
         # libnftables contexts are not thread-safe; calls may come from worker threads.
         self._lock = threading.Lock()
+        self._reader_nft = nftables.Nftables()
+        self._reader_nft.set_json_output(True)
+        self._reader_nft.set_handle_output(False)
+        self._reader_lock = threading.Lock()
 
     # ---- the table --------------------------------------------------------------------------------
 
@@ -151,9 +165,12 @@ class NftEnforcer:
             raise NftError(err.strip() or f"libnftables failed with {rc}")
         return out
 
-    def _list(self) -> list[dict[str, Any]] | None:
-        with self._lock:
-            rc, out, err = self._nft.cmd(f"list table {FAMILY} {self.table}")
+    def _list(self, *, reader: bool = False) -> list[dict[str, Any]] | None:
+        # A verification lists through its own context (and lock) from a worker thread: the writes of the event
+        # loop's thread never wait for a listing of 20,000 elements.
+        nft, lock = (self._reader_nft, self._reader_lock) if reader else (self._nft, self._lock)
+        with lock:
+            rc, out, err = nft.cmd(f"list table {FAMILY} {self.table}")
         if rc != 0:
             if "No such file or directory" in err:
                 return None
@@ -161,9 +178,9 @@ class NftEnforcer:
         items: list[dict[str, Any]] = json.loads(out)["nftables"]
         return [i for i in items if "metainfo" not in i]
 
-    def _current(self) -> tuple[list[dict[str, Any]], dict[str, set[str]]] | None:
+    def _current(self, *, reader: bool = False) -> tuple[list[dict[str, Any]], dict[str, set[str]]] | None:
         """The table's structure (sets without elements, chains, rules) and the elements of each set."""
-        listing = self._list()
+        listing = self._list(reader=reader)
         if listing is None:
             return None
         structure: list[dict[str, Any]] = []
@@ -203,6 +220,17 @@ class NftEnforcer:
     def tracked(self) -> AbstractSet[str]:
         return self._held["tracked"]
 
+    async def verify(self, quarantined: Collection[str], tracked: Collection[str]) -> list[str]:
+        desired = {"quarantine": {_normalize(p) for p in quarantined},
+                   "tracked": {_normalize(p) for p in tracked}}
+        current = await asyncio.to_thread(self._current, reader=True)
+        if current is None:
+            return [f"table {self.table} is missing"]
+        if current[0] != self._structure():
+            return [f"table {self.table} has other sets, chains or rules"]
+        return [change for kind, prefixes in desired.items()
+                for change in _describe(kind, prefixes - current[1][kind], current[1][kind] - prefixes)]
+
     async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> list[str]:
         desired = {"quarantine": {_normalize(p) for p in quarantined},
                    "tracked": {_normalize(p) for p in tracked}}
@@ -226,10 +254,7 @@ class NftEnforcer:
             missing, extra = prefixes - held, held - prefixes
             commands += self._elements("add", kind, missing)
             commands += self._elements("delete", kind, extra)
-            for what, which in (("missing from", missing), ("extra in", extra)):
-                if which:
-                    shown = ", ".join(sorted(which)[:5]) + (f" and {len(which) - 5} more" if len(which) > 5 else "")
-                    changes.append(f"{len(which)} prefixes {what} the {kind} sets ({shown})")
+            changes += _describe(kind, missing, extra)
         if commands:
             self._run(commands)
         self._held = desired

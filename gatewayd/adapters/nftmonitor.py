@@ -10,16 +10,14 @@ overflowed, notifications were lost: that is reported too, so the caller verifie
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import os
-import socket
 import struct
 import threading
 from collections.abc import Callable
 
-from gatewayd.netlink import attrs, messages
+from gatewayd.netlink import Subscription, attrs, messages
 from gatewayd.ports import RULES
 
 log = logging.getLogger(__name__)
@@ -96,7 +94,8 @@ class NftMonitor:
     def __init__(self, table: str, on_drift: Drift) -> None:
         self.table = table
         self.on_drift = on_drift
-        self._sock: socket.socket | None = None
+        self._sub = Subscription(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1), self._received, self._lost,
+                                 rcvbuf=4 << 20)
         self._touched: dict[str, int] = {}
         """What the transaction under way did to our table, and how many times."""
         self._deleted: dict[str, set[str]] = {}
@@ -107,49 +106,35 @@ class NftMonitor:
     async def start(self) -> None:
         # Our transactions run on the event loop's thread: its id is what the kernel names as their process.
         self._own.add(threading.get_native_id())
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
-        sock.setblocking(False)
-        self._sock = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        self._sub.start()
 
     async def close(self) -> None:
-        if self._sock is not None:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        self._sub.close()
 
-    def _readable(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                data = self._sock.recv(1 << 20)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                # ENOBUFS: notifications were lost; only a full comparison can tell what changed.
-                log.warning("nftables notifications lost (%s): verifying the table", exc)
-                self._touched, self._deleted, self._precise = {}, {}, True
-                self.on_drift("notifications lost", None)
+    def _lost(self, exc: OSError) -> None:
+        # ENOBUFS: notifications were lost; only a full comparison can tell what changed.
+        log.warning("nftables notifications lost (%s): verifying the table", exc)
+        self._touched, self._deleted, self._precise = {}, {}, True
+        self.on_drift("notifications lost", None)
+
+    def _received(self, data: bytes) -> None:
+        for what, value in decode(data, self.table):
+            assert isinstance(value, tuple)
+            if what == "touched":
+                kind, deleted = value
+                self._touched[kind] = self._touched.get(kind, 0) + 1
+                if deleted is None:
+                    self._precise = False
+                elif self._precise:
+                    name, prefixes = deleted
+                    self._deleted.setdefault(name, set()).update(prefixes)
                 continue
-            for what, value in decode(data, self.table):
-                assert isinstance(value, tuple)
-                if what == "touched":
-                    kind, deleted = value
-                    self._touched[kind] = self._touched.get(kind, 0) + 1
-                    if deleted is None:
-                        self._precise = False
-                    elif self._precise:
-                        name, prefixes = deleted
-                        self._deleted.setdefault(name, set()).update(prefixes)
-                    continue
-                pid, name = value
-                if self._touched and pid not in self._own:
-                    done = ", ".join(f"{w} ({n})" if n > 1 else w for w, n in self._touched.items())
-                    if self._touched.keys() <= RULES_ONLY:
-                        scope: dict[str, set[str]] | None = {RULES: set()}
-                    else:
-                        scope = self._deleted if self._precise else None
-                    self.on_drift(f"{name or 'unknown'} (pid {pid}) {done}", scope)
-                self._touched, self._deleted, self._precise = {}, {}, True
+            pid, name = value
+            if self._touched and pid not in self._own:
+                done = ", ".join(f"{w} ({n})" if n > 1 else w for w, n in self._touched.items())
+                if self._touched.keys() <= RULES_ONLY:
+                    scope: dict[str, set[str]] | None = {RULES: set()}
+                else:
+                    scope = self._deleted if self._precise else None
+                self.on_drift(f"{name or 'unknown'} (pid {pid}) {done}", scope)
+            self._touched, self._deleted, self._precise = {}, {}, True

@@ -6,7 +6,6 @@ A raw NETLINK_ROUTE socket subscribed to link and address groups, read with the 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import socket
@@ -14,7 +13,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from gatewayd.netlink import attrs, messages
+from gatewayd.netlink import Subscription, attrs, messages
 
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 16, 17, 20, 21, 22
@@ -76,36 +75,24 @@ class LinkWatcher:
         self.on_change = on_change
         self.index: int | None = None
         self.up: bool | None = None
-        self._sock: socket.socket | None = None
+        self._sub = Subscription(socket.NETLINK_ROUTE, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR,
+                                 self._received, self._lost)
 
     async def start(self) -> None:
         with contextlib.suppress(OSError):
             self.index = socket.if_nametoindex(self.interface)
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
-        sock.setblocking(False)
-        self._sock = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        self._sub.start()
 
     async def close(self) -> None:
-        if self._sock is not None:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        self._sub.close()
 
-    def _readable(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                data = self._sock.recv(1 << 16)
-            except BlockingIOError:
-                return
-            except OSError:
-                # ENOBUFS: changes were lost; say so, the tracker re-reads the interface anyway.
-                self.on_change("link.resync", {"interface": self.interface})
-                continue
-            for kind, fields in decode(data):
-                self._handle(kind, fields)
+    def _lost(self, exc: OSError) -> None:
+        # ENOBUFS: changes were lost; say so, the tracker re-reads the interface anyway.
+        self.on_change("link.resync", {"interface": self.interface})
+
+    def _received(self, data: bytes) -> None:
+        for kind, fields in decode(data):
+            self._handle(kind, fields)
 
     def _handle(self, kind: int, fields: dict[str, Any]) -> None:
         if kind in (RTM_NEWLINK, RTM_DELLINK):

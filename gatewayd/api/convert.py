@@ -49,13 +49,8 @@ def text(value: str, field: str, *, allow_empty: bool = True, limit: int = MAX_I
 
 
 def ident(value: str, field: str) -> str:
-    if not value:
-        raise invalid(field, "must not be empty")
-    if len(value) > MAX_ID:
-        raise invalid(field, f"must be at most {MAX_ID} characters")
-    if not value.isprintable():
-        raise invalid(field, "must be printable text")
-    return value
+    """An id: 1 to MAX_ID printable characters."""
+    return text(value, field, allow_empty=False)
 
 
 def public_key(value: str, field: str) -> str:

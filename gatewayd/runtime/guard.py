@@ -83,8 +83,13 @@ class EnforcementGuard:
                 async with self.driver.between_batches():
                     await self._put_back(deleted)
                 self.reasserted_at = time.perf_counter()
-            async with self.driver.between_batches():
-                changes = await enforcer.reconcile(core.enforced_prefixes(), core.tracked_prefixes())
+            # The comparison runs beside the batches; only a difference is repaired between two of them (read
+            # again there: a batch may have changed the sets meanwhile).
+            changes = await enforcer.verify(core.enforced_prefixes(), core.tracked_prefixes())
+            if changes:
+                async with self.driver.between_batches():
+                    changes = await enforcer.reconcile(self.driver.core.enforced_prefixes(),
+                                                       self.driver.core.tracked_prefixes())
             if reasons and not changes:
                 changes = ["restored what the other process removed"]
         except Exception as exc:

@@ -10,18 +10,11 @@ import grpc
 
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
 from tests.api.test_challenge_api import LOOPBACK, ME, backup_set, quarantined, totp
+from tests.api.test_control_api import status_of as refusal
 from tests.api.test_device_api import device_member, submit
 from tests.harness import Harness, gw
 
 __all__ = ["gw"]
-
-
-async def refusal(call: object) -> tuple[grpc.StatusCode, str]:
-    try:
-        await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as exc:
-        return exc.code(), exc.details() or ""
-    raise AssertionError("call succeeded")
 
 
 def policy(version: int) -> control_pb2.ApplyTeamPolicyRequest:

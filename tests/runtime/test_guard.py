@@ -51,17 +51,18 @@ async def test_a_repair_that_fails_keeps_health_false_and_retries(gw: Harness) -
     await quarantined_peer(gw)
     guard = gw.daemon.guard
 
-    async def refuse(quarantined: object, tracked: object) -> list[str]:
+    async def refuse(quarantined: object, tracked: object, **_: object) -> list[str]:
         raise RuntimeError("netlink: Operation not permitted")
 
-    original = gw.enforcer.reconcile
-    gw.enforcer.reconcile = refuse  # type: ignore[method-assign]
+    original, reassert = gw.enforcer.reconcile, gw.enforcer.reassert
+    gw.enforcer.reconcile = gw.enforcer.reassert = refuse  # type: ignore[method-assign,assignment]
+    gw.enforcer.held.clear()
     guard.drift("nft (pid 1)")
     await asyncio.sleep(0.2)
     assert not guard.healthy
     rows = await gw.daemon.store.outbox.events_after(0, 10_000)
     assert any(e.type == "enforcement.drift_unrepaired" for e in rows)
-    gw.enforcer.reconcile = original  # type: ignore[method-assign]
+    gw.enforcer.reconcile, gw.enforcer.reassert = original, reassert  # type: ignore[method-assign]
     for _ in range(300):
         if guard.healthy:
             break
