@@ -378,7 +378,7 @@ class Daemon:
         return True
 
     def _snapshot(self, public_key: str) -> PeerSnapshot | None:
-        return self.tracker.snapshot(public_key) if self.tracker else None
+        return self.tracker.spec(public_key) if self.tracker else None
 
     def _link_changed(self, kind: str, fields: dict[str, Any]) -> None:
         """rtnetlink saw the interface or its addresses change: record it and re-read the peers now."""

@@ -11,6 +11,7 @@ import base64
 import binascii
 import ipaddress
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from gatewayd import __version__
@@ -201,11 +202,7 @@ def status(s: StatusSnapshot) -> control_pb2.GatewayStatus:
         broker_configured=s.broker_configured, broker_connected=s.broker_connected,
         outbox_unpublished=s.outbox_unpublished, outbox_oldest_age_seconds=s.outbox_oldest_age,
         members=s.members, teams=s.teams)
-    for name, value in (("started_at", s.started_at), ("last_poll", s.last_poll),
-                        ("enforcement_verified_at", s.enforcement_verified_at)):
-        ts = timestamp(value)
-        if ts is not None:
-            getattr(msg, name).CopyFrom(ts)
+    _stamp(msg, started_at=s.started_at, last_poll=s.last_poll, enforcement_verified_at=s.enforcement_verified_at)
     return msg
 
 
@@ -234,6 +231,14 @@ def disconnect_response(result: DisconnectResult) -> control_pb2.DisconnectRespo
         pending=list(result.pending))
 
 
+def _stamp(msg: Message, **times: float | None) -> None:
+    """Set each Timestamp field whose time is known (unset ones stay unset)."""
+    for name, value in times.items():
+        ts = timestamp(value)
+        if ts is not None:
+            getattr(msg, name).CopyFrom(ts)
+
+
 def timestamp(t: float | None) -> Timestamp | None:
     if t is None:
         return None
@@ -250,11 +255,7 @@ def session(peer: Peer, member: Member | None, snap: PeerSnapshot | None) -> typ
         owes=[KIND_TO_PB[k] for k in sorted(peer.owes, key=lambda k: k.value)],
         rx_bytes=snap.rx_bytes if snap else 0, tx_bytes=snap.tx_bytes if snap else 0,
         locked_reason=peer.locked_reason.value if peer.locked_reason else "")
-    for name, value in (("owes_since", peer.owes_since), ("last_handshake", peer.last_handshake),
-                        ("proven_at", peer.proven_at)):
-        ts = timestamp(value)
-        if ts is not None:
-            getattr(msg, name).CopyFrom(ts)
+    _stamp(msg, owes_since=peer.owes_since, last_handshake=peer.last_handshake, proven_at=peer.proven_at)
     return msg
 
 

@@ -175,8 +175,6 @@ class Driver:
         self.watchers = Watchers()
         self.specs = specs
         self.settings = settings or JobSettings()
-        self.last_pending: tuple[str, ...] = ()
-        """What the latest batch left pending (told to Disconnect callers)."""
         self.storage_failed: StorageFailed | None = None
         """The latest failure to write the database, until a batch commits again."""
         self.on_core_rebuilt: list[Callable[[], None]] = []
@@ -272,7 +270,7 @@ class Driver:
                     results.append((item.future, None, value))
             batch.commands.extend(self.core.handle_timer(now))
             self.last_batch = {"jobs": time.perf_counter() - started}
-            failure = await self._execute(batch)
+            failure, pending = await self._execute(batch)
         except Exception as exc:
             storage = self.store.storage_error(exc)
             if storage is None:
@@ -304,12 +302,13 @@ class Driver:
                 fut.set_exception(error)
             elif failure is not None:
                 fut.set_exception(failure)
-            elif self.last_pending and isinstance(value, Pending):
-                fut.set_result(value.with_pending(self.last_pending))
+            elif pending and isinstance(value, Pending):
+                fut.set_result(value.with_pending(pending))
             else:
                 fut.set_result(value)
 
-    async def _execute(self, batch: Batch) -> EnforcementFailed | None:
+    async def _execute(self, batch: Batch) -> tuple[EnforcementFailed | None, tuple[str, ...]]:
+        """Run the batch's commands; returns the kernel failure (if any) and what is left pending."""
         adds: dict[str, bool] = {}
         tracks: dict[str, bool] = {}
         resets_wanted: list[str] = []
@@ -412,7 +411,6 @@ class Driver:
             raise persisted
         if isinstance(cut_result, BaseException):
             raise cut_result
-        self.last_pending = tuple(pending)
         lap("cut+commit")
         for e in events:
             log.info("event %s %s %s", e.type, e.subject, e.data_json)
@@ -431,7 +429,7 @@ class Driver:
         # refused proof that costs an attempt.
         touched = set(saves) | {e.subject.removeprefix("peer/") for e in events if e.subject.startswith("peer/")}
         self._notify(events, touched)
-        return failure
+        return failure, tuple(pending)
 
     async def _rebuild_after(self, failure: StorageFailed) -> None:
         self.storage_failed = failure

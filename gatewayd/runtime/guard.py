@@ -39,8 +39,6 @@ class EnforcementGuard:
         """Drifts found and repaired."""
         self.reasserted_at = 0.0
         """perf_counter() when the latest reported drift was put back (the window closed)."""
-        self.repaired = asyncio.Event()
-        """Set after each verification (tests and benchmarks wait on it)."""
         self._wake = asyncio.Event()
         self._reasons: list[str] = []
         self._deleted: dict[str, set[str]] | None = {}
@@ -101,8 +99,6 @@ class EnforcementGuard:
         self.suspect = False
         self.driver.enforcement_healthy = True
         self.verified_at = self.clock()
-        self.repaired.set()
-        self.repaired.clear()
         if changes:
             self.repairs += 1
             by = reasons or ["found by the periodic verification"]

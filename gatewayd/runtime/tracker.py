@@ -89,10 +89,6 @@ class Tracker:
     def spec(self, public_key: str) -> PeerSnapshot | None:
         return self._read.get(public_key) if self._read is not None else None
 
-    def snapshot(self, public_key: str) -> PeerSnapshot | None:
-        """The peer's latest read (byte counters for ListSessions), if any."""
-        return self.spec(public_key)
-
     def poll_interval(self) -> float:
         configured = self._configured_interval()
         return auto_poll_interval(self.read_seconds) if configured == "auto" else float(configured)

@@ -55,12 +55,7 @@ EDGE_INTEGERS = {
     FieldDescriptor.TYPE_INT64: [0, 1, -1, 2**63 - 1, -(2**63)],
     FieldDescriptor.TYPE_INT32: [0, 1, -1, 2**31 - 1, -(2**31)],
 }
-INTEGERS = {
-    FieldDescriptor.TYPE_UINT64: st.sampled_from([0, 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64 - 1]),
-    FieldDescriptor.TYPE_UINT32: st.sampled_from([0, 1, 60, 100, 1000, 1001, 2**31, 2**32 - 1]),
-    FieldDescriptor.TYPE_INT64: st.sampled_from([0, 1, -1, 2**63 - 1, -(2**63)]),
-    FieldDescriptor.TYPE_INT32: st.sampled_from([0, 1, -1, 2**31 - 1, -(2**31)]),
-}
+INTEGERS = {kind: st.sampled_from(values) for kind, values in EDGE_INTEGERS.items()}
 
 
 def message_strategy(desc: Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
@@ -68,22 +63,14 @@ def message_strategy(desc: Descriptor, depth: int = 0) -> st.SearchStrategy[Mess
     cls = message_factory.GetMessageClass(desc)
     fields: dict[str, st.SearchStrategy[Any]] = {}
     for f in desc.fields:
-        value: st.SearchStrategy[Any]
-        if f.type == FieldDescriptor.TYPE_STRING:
-            value = TEXT
-        elif f.type == FieldDescriptor.TYPE_BYTES:
-            value = st.one_of(st.binary(max_size=64), st.sampled_from([b"", bytes(32), b"\xff" * 2048]))
-        elif f.type == FieldDescriptor.TYPE_BOOL:
-            value = st.booleans()
-        elif f.type == FieldDescriptor.TYPE_ENUM and f.enum_type is not None:
-            value = st.integers(-1, len(f.enum_type.values) + 2)  # unknown values included
-        elif f.type == FieldDescriptor.TYPE_MESSAGE and f.message_type is not None:
+        value: st.SearchStrategy[Any] | None
+        if f.type == FieldDescriptor.TYPE_MESSAGE and f.message_type is not None:
             if depth >= 2 or f.message_type.GetOptions().map_entry:
                 continue
             value = message_strategy(f.message_type, depth + 1)
-        elif f.type in INTEGERS:
-            value = INTEGERS[f.type]
         else:
+            value = scalar_strategy(f)
+        if value is None:
             continue
         if f.is_repeated:
             value = st.lists(value, max_size=3)
