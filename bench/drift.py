@@ -56,6 +56,9 @@ class StaticPeers:
     async def read(self, pause: Pause = no_pause) -> dict[str, PeerSnapshot]:
         return dict(self.peers)
 
+    async def identity(self) -> None:
+        return None
+
     async def reset_sessions(self, peers: Any) -> None:
         return None
 

@@ -59,6 +59,33 @@ class EnforcementSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HandshakeSection:
+    detect: bool = True
+    """See each WireGuard handshake initiation as it arrives (nfnetlink_queue) and decide its session before
+    WireGuard gets it. Off: sessions are only seen by reading the interface (README, Known limits)."""
+    queue: Literal["auto", "nft", "xt"] = "auto"
+    """How initiations reach the queue: nftables' own queue expression, the xt NFQUEUE target through
+    iptables-nft (kernels without CONFIG_NFT_QUEUE), or auto (nft if the kernel has it)."""
+    queue_num: int = 5182
+    """The nfnetlink_queue number (0-65535); one gatewayd per number."""
+    daemon_down: Literal["closed", "bypass"] = "closed"
+    """While gatewayd is not running: closed drops initiations (no session starts unseen; running sessions go
+    on with their keys); bypass lets them through unseen."""
+    new_endpoint_is_new_session: bool = True
+    """An initiation from another endpoint than the live session's starts a new session."""
+    rate: int = 50
+    """Initiations per second per source address that are looked at; the excess is dropped in nftables."""
+    burst: int = 100
+    """Initiations allowed at once above `rate` per source address."""
+    queue_mark: int = 0x04000000
+    """Packet mark bit gatewayd's nftables chain sets on initiations for the queue rule."""
+    recent_mark: int = 0x08000000
+    """Packet mark bit set on an initiation whose endpoint sent data in the last `recent_seconds`."""
+    recent_seconds: int = 15
+    """How long a data packet from an endpoint counts as recent (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ControlSection:
     listen: str = ""
     """host:port of the mTLS control listener; empty = none."""
@@ -135,6 +162,8 @@ class Config:
     """[wireguard]"""
     enforcement: EnforcementSection = field(default_factory=EnforcementSection)
     """[enforcement]"""
+    handshake: HandshakeSection = field(default_factory=HandshakeSection)
+    """[handshake]: sessions decided at the handshake"""
     control: ControlSection = field(default_factory=ControlSection)
     """[control]"""
     challenge: ChallengeSection = field(default_factory=ChallengeSection)
@@ -252,6 +281,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("enforcement.verify_interval", "must be between 1 and 3600 seconds")
     if not cfg.enforcement.table.replace("_", "").isalnum():
         raise ConfigError("enforcement.table", "must be letters, digits and '_'")
+    h = cfg.handshake
+    if not 0 <= h.queue_num <= 65535:
+        raise ConfigError("handshake.queue_num", "must be 0-65535")
+    if not 1 <= h.rate <= 100_000:
+        raise ConfigError("handshake.rate", "must be 1 to 100000 per second")
+    if not 1 <= h.burst <= 1_000_000:
+        raise ConfigError("handshake.burst", "must be 1 to 1000000")
+    for name in ("queue_mark", "recent_mark"):
+        bit = getattr(h, name)
+        if not 0 < bit <= 0xFFFFFFFF or bit & (bit - 1):
+            raise ConfigError(f"handshake.{name}", "must be a single bit of the 32-bit packet mark")
+    if h.queue_mark == h.recent_mark:
+        raise ConfigError("handshake.recent_mark", "must differ from handshake.queue_mark")
+    if not 1 <= h.recent_seconds <= 120:
+        raise ConfigError("handshake.recent_seconds", "must be 1 to 120 seconds")
     if cfg.control.listen:
         _host_port("control.listen", cfg.control.listen)
         for name in ("tls_cert_file", "tls_key_file", "client_ca_file"):

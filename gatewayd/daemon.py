@@ -35,11 +35,12 @@ from gatewayd.config import Config, ConfigError, load
 from gatewayd.core.model import PeerState
 from gatewayd.core.state import CoreConfig, GatewayState
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.ports import EnforcementMonitor, Enforcer, FlowTable, PeerSource
+from gatewayd.ports import EnforcementMonitor, Enforcer, FlowTable, PacketQueue, PeerSource, QueuedPacket, QueueRule
 from gatewayd.runtime.checkpoints import Checkpointer
 from gatewayd.runtime.control import Heartbeat, MarkPublished, Note
 from gatewayd.runtime.driver import Driver, JobSettings
 from gatewayd.runtime.guard import EnforcementGuard
+from gatewayd.runtime.handshakes import HandshakeSettings, HandshakeWatch
 from gatewayd.runtime.observability import Metrics
 from gatewayd.runtime.status import StatusSnapshot, peer_counts
 from gatewayd.runtime.tracker import Tracker
@@ -48,6 +49,14 @@ from gatewayd.tasks import spawn
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0
+DETECTING_POLL_INTERVAL = 30.0
+"""wireguard.poll_interval "auto" while handshakes are decided as they arrive."""
+
+
+def core_config(config: Config, *, detection: bool) -> CoreConfig:
+    return CoreConfig(quarantine_unknown_peers=config.gateway.quarantine_unknown_peers,
+                      handshake_detection=detection,
+                      new_endpoint_is_new_session=config.handshake.new_endpoint_is_new_session)
 
 
 @dataclass
@@ -59,16 +68,34 @@ class Adapters:
     """Follow the WireGuard interface's link and address changes over rtnetlink."""
     monitor: Callable[[Callable[[str, dict[str, set[str]] | None], None]], EnforcementMonitor] | None = None
     """Makes the monitor that reports others' changes of the enforcement table to the given callback."""
+    handshake_queue: Callable[[Callable[[list[QueuedPacket]], None]], PacketQueue] | None = None
+    """Makes the queue of handshake initiations (None: sessions are seen only by reading the interface)."""
+    queue_rule: QueueRule | None = None
+    """The rule that sends initiations to that queue (or, with handshake detection off, the one to remove)."""
 
 
 def kernel_adapters(config: Config) -> Adapters:
     """The real adapters: nftables, WireGuard (kernel genetlink or UAPI), conntrack."""
     from gatewayd.adapters.conntrack import Conntrack
+    from gatewayd.adapters.nfqueue import HandshakeQueue, NftQueueRule, XtQueueRule, pick_mode
     from gatewayd.adapters.nftables import NftEnforcer
     from gatewayd.adapters.nftmonitor import NftMonitor
     from gatewayd.adapters.wireguard import open_source
 
+    h = config.handshake
+    rule: QueueRule | None = None
+    mode = pick_mode(h.queue) if h.detect else None
+    if mode == "xt":
+        rule = XtQueueRule(number=h.queue_num, mark=h.queue_mark, bypass=h.daemon_down == "bypass")
+    elif mode == "nft":
+        rule = NftQueueRule(table=config.enforcement.table, number=h.queue_num, mark=h.queue_mark,
+                            bypass=h.daemon_down == "bypass")
+    if mode is not None:
+        log.info("handshake queue %d through %s", h.queue_num, "nftables' queue" if mode == "nft"
+                 else "iptables-nft's NFQUEUE target")
     return Adapters(
+        handshake_queue=(lambda on_packets: HandshakeQueue(h.queue_num, on_packets)) if mode else None,
+        queue_rule=rule,
         enforcer=NftEnforcer(table=config.enforcement.table, interface=config.wireguard.interface,
                              challenge_port=config.challenge.port),
         source=open_source(config.wireguard),
@@ -93,7 +120,7 @@ class Daemon:
         self.adapters = adapters
         self.clock = clock
         self.store = SqliteStore(config.gateway.database, SecretBox.from_file(config.gateway.secrets_key_file))
-        core = GatewayState(CoreConfig(quarantine_unknown_peers=config.gateway.quarantine_unknown_peers))
+        core = GatewayState(core_config(config, detection=adapters.handshake_queue is not None))
         self.metrics = Metrics.create()
         self.driver = Driver(core, self.store, adapters.enforcer, adapters.source, adapters.flows,
                              settings=job_settings(config), clock=clock,
@@ -102,8 +129,23 @@ class Daemon:
         self.tracker: Tracker | None = None
         if adapters.source is not None:
             self.tracker = Tracker(adapters.source, self.driver, self.metrics, interface=config.wireguard.interface,
-                                   poll_interval=lambda: self.config.wireguard.poll_interval, clock=clock)
+                                   poll_interval=self._poll_interval, clock=clock)
             self.driver.specs = self.tracker
+        self.handshakes: HandshakeWatch | None = None
+        if adapters.handshake_queue is not None and adapters.queue_rule is not None and self.tracker is not None:
+            h = config.handshake
+            self.handshakes = HandshakeWatch(
+                self.driver, self.metrics, make_queue=adapters.handshake_queue, rule=adapters.queue_rule,
+                settings=HandshakeSettings(queue_mark=h.queue_mark, recent_mark=h.recent_mark, rate=h.rate,
+                                           burst=h.burst, recent_seconds=h.recent_seconds),
+                install_rules=adapters.enforcer.set_handshake, wake_reader=self.tracker.wake.set, clock=clock)
+            tracker, source, watch = self.tracker, adapters.source, self.handshakes
+            assert source is not None
+
+            async def adopt() -> None:
+                await watch.adopt(await source.identity())
+
+            tracker.after_read.append(adopt)
         self.checkpointer = Checkpointer(self.store, self.driver)
         self.guard = EnforcementGuard(self.driver, table=config.enforcement.table,
                                       interval=lambda: self.config.enforcement.verify_interval, clock=clock)
@@ -126,6 +168,13 @@ class Daemon:
         self.started_at: float | None = None
         self.outbox: tuple[int, float | None] = (0, None)  # (unpublished, oldest time), refreshed every 2 s
         self._register_gauges()
+
+    def _poll_interval(self) -> float | str:
+        configured = self.config.wireguard.poll_interval
+        if configured == "auto" and self.handshakes is not None:
+            # Sessions are decided at the handshake; reads are for counters, endpoints and peers others add.
+            return DETECTING_POLL_INTERVAL
+        return configured
 
     @property
     def core(self) -> GatewayState:
@@ -158,11 +207,16 @@ class Daemon:
         if self.adapters.flows is not None:
             await self.adapters.flows.start()
         teams, members, records = await self.store.load()
-        self.core.restore(teams, members, records)
+        self.core.restore(teams, members, records, now=self.clock())
         if self.adapters.monitor is not None:
             # Listening before the first reconcile: a change made by someone else from then on is noticed.
             self.monitor = self.adapters.monitor(self.guard.drift)
             await self.monitor.start()
+        if self.handshakes is not None:
+            # Bound before anything is sent to it: initiations wait here (not dropped) until the core is running.
+            self.handshakes.start()
+        elif self.adapters.queue_rule is not None:
+            await asyncio.to_thread(self.adapters.queue_rule.remove)  # detection was turned off
         await self.adapters.enforcer.reconcile(self.core.enforced_prefixes(), self.core.tracked_prefixes())
         self.guard.verified_at = self.clock()
         if self.tracker is not None:
@@ -184,9 +238,13 @@ class Daemon:
         if self.tracker is not None:
             # If the interface is not there yet (rtnetlink tells when it comes), enforcement from the store
             # already holds and tunnel traffic from undecided addresses is refused meanwhile.
+            # The first read also gives the interface's key and port: the handshake chain and the queue rule are
+            # installed then, after the reconcile.
             await self.tracker.poll_logged()
             if self.autopoll:
                 self._tasks.append(spawn(self.tracker.run(), name="tracker"))
+        if self.handshakes is not None:
+            self._tasks.append(spawn(self.handshakes.run(), name="handshake-rule-check"))
         c = self.config.control
         self.authorizer = Authorizer({p: frozenset(m) for p, m in c.authorization.items()}, c.unix_principal)
         await self._start_control()
@@ -338,6 +396,7 @@ class Daemon:
                 ("wireguard.interface", self.config.wireguard.interface, new.wireguard.interface),
                 ("wireguard.backend", self.config.wireguard.backend, new.wireguard.backend),
                 ("enforcement", self.config.enforcement, new.enforcement),
+                ("handshake", self.config.handshake, new.handshake),
                 ("challenge.port", self.config.challenge.port, new.challenge.port),
                 ("mqtt", self.config.mqtt, new.mqtt),
             ) if old != cur]
@@ -351,7 +410,7 @@ class Daemon:
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         old, self.config = self.config, new
         self.driver.settings = job_settings(new)
-        self.core.config = CoreConfig(quarantine_unknown_peers=new.gateway.quarantine_unknown_peers)
+        self.core.config = core_config(new, detection=self.handshakes is not None)
         self.driver.event_retention = new.gateway.event_retention
         self.authorizer.rules = {p: frozenset(m) for p, m in new.control.authorization.items()}
         self.authorizer.local_principal = new.control.unix_principal
@@ -401,6 +460,9 @@ class Daemon:
         for task in reversed(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.handshakes is not None:
+            # The queue rule stays: with daemon_down = "closed" initiations are dropped until gatewayd is back.
+            self.handshakes.close()
         if self.adapters.flows is not None:
             await self.adapters.flows.close()
         if self.links is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gatewayd.auth.backup import KdfParams
@@ -66,6 +66,83 @@ class Enforcer(Protocol):
         """The tracked prefixes, as last written (a read-only view)."""
         ...
 
+    async def set_handshake(self, rules: HandshakeRules | None) -> None:
+        """Install (or, with None, remove) the chain that rate-limits WireGuard handshake initiations and hands
+        them to the queue; it is part of the table from then on (verified and repaired with it)."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class HandshakeRules:
+    """How the enforcement table treats WireGuard handshake initiations (UDP, 148 bytes of payload, to the
+    interface's listen port) before they reach WireGuard."""
+
+    listen_port: int
+    """The WireGuard interface's UDP port."""
+    queue_mark: int
+    """Mark bit set on every initiation that goes on to the queue (the queue rule matches it)."""
+    recent_mark: int
+    """Mark bit set on an initiation from an endpoint that sent data packets in the last `recent_seconds`."""
+    rate: int
+    """Initiations per second per source address that go on to the queue; the rest are dropped."""
+    burst: int
+    """Burst allowed above `rate`."""
+    recent_seconds: int
+    """How long a data packet from an endpoint counts as recent."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InterfaceIdentity:
+    """The WireGuard interface's own key and port. The private key is never logged, stored or exported."""
+
+    private_key: bytes = field(repr=False)
+    """32 bytes."""
+    listen_port: int
+    """UDP port (0: none yet)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedPacket:
+    """One packet the kernel holds until it gets a verdict."""
+
+    id: int
+    """The kernel's packet id (for the verdict)."""
+    mark: int
+    """The packet's mark (gatewayd's chain sets bits on it)."""
+    payload: bytes
+    """The IP packet, from its IP header."""
+
+
+class PacketQueue(Protocol):
+    """Packets the kernel holds until the daemon gives each a verdict (nfnetlink_queue)."""
+
+    overflows: int
+    """Times the kernel could not hand packets over (they were dropped)."""
+
+    def start(self) -> None:
+        """Bind the queue; packets are handed to the callback given at construction from then on."""
+        ...
+
+    def close(self) -> None:
+        """Unbind (unanswered packets are dropped)."""
+        ...
+
+    def accept(self, packet_id: int) -> None: ...
+
+    def drop(self, packet_id: int) -> None: ...
+
+
+class QueueRule(Protocol):
+    """The kernel rule that sends marked initiations to the queue (outside the enforcement table)."""
+
+    def ensure(self) -> bool:
+        """Install it unless it is there as wanted; True if anything changed."""
+        ...
+
+    def present(self) -> bool: ...
+
+    def remove(self) -> None: ...
+
 
 RULES = "(rules)"
 """In a drift report's scope: the change touched only chains and rules (nftables monitor)."""
@@ -88,6 +165,10 @@ class PeerSource(Protocol):
     async def read(self, pause: Pause = no_pause) -> Snapshot:
         """The interface's peers now. `pause` is awaited before the interface is asked (a userspace
         implementation's configuration lock is held while it answers) and between slices of decoding."""
+        ...
+
+    async def identity(self) -> InterfaceIdentity | None:
+        """The interface's private key and listen port (None: no interface, or no key set yet)."""
         ...
 
     async def reset_sessions(self, peers: Sequence[PeerSnapshot]) -> None:

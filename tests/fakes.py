@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.ports import SetChange
+from gatewayd.ports import HandshakeRules, InterfaceIdentity, SetChange
 from gatewayd.runtime.driver import Batch
 from gatewayd.scheduling import Pause, no_pause
 
@@ -33,6 +33,7 @@ class MemoryEnforcer:
         self.transactions: list[SetChange] = []
         self.reconciles = 0
         self.fail_next = False
+        self.handshake: HandshakeRules | None = None
 
     async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> list[str]:
         self.reconciles += 1
@@ -52,6 +53,9 @@ class MemoryEnforcer:
         if elements:
             self.held |= set(quarantined)
             self.tracked_ |= set(tracked)
+
+    async def set_handshake(self, rules: HandshakeRules | None) -> None:
+        self.handshake = rules
 
     async def apply(self, change: SetChange) -> None:
         if self.fail_next:
@@ -85,6 +89,9 @@ class MemorySource:
         await pause()
         self.reads += 1
         return dict(self.peers)
+
+    async def identity(self) -> InterfaceIdentity | None:
+        return None
 
     async def reset_sessions(self, peers: Sequence[PeerSnapshot]) -> None:
         if self.unreachable is not None:

@@ -8,7 +8,12 @@ table inet <name>:
   chain forward_quarantine: nothing from or to a quarantined prefix is forwarded, and nothing from or to a
     tunnel address gatewayd has not decided on yet (a peer added to WireGuard between two polls);
   chain input_quarantine: over the WireGuard interface, the challenge port is open; otherwise a quarantined
-    or undecided source reaches nothing on the gateway.
+    or undecided source reaches nothing on the gateway;
+  chain handshake (when handshake detection is on; input, priority -200): remembers for a few seconds which
+    endpoints sent WireGuard data packets (sets handshake_recent4/6), rate-limits initiations per source
+    address (sets handshake_flood4/6; the excess is dropped), and marks each initiation that goes on - with the
+    "recent" bit if its endpoint sent data lately - for the queue rule (adapters/nfqueue.py), which lives
+    outside this table.
 Blocked traffic is rejected with ICMP administratively prohibited so client apps notice at once. Rules match
 addresses statelessly, so an established flow stalls the moment its source enters the set. Every change is
 one transaction.
@@ -26,7 +31,7 @@ from typing import Any
 
 import nftables
 
-from gatewayd.ports import SetChange
+from gatewayd.ports import HandshakeRules, SetChange
 
 FAMILY = "inet"
 SETS = {"quarantine": ("quarantine4", "quarantine6"), "tracked": ("tracked4", "tracked6")}
@@ -88,6 +93,7 @@ class NftEnforcer:
         self._reader_nft.set_json_output(True)
         self._reader_nft.set_handle_output(False)
         self._reader_lock = threading.Lock()
+        self._handshake: HandshakeRules | None = None
 
     # ---- the table --------------------------------------------------------------------------------
 
@@ -98,6 +104,16 @@ class NftEnforcer:
                 out.append({"set": {"family": FAMILY, "table": self.table, "name": name, "type": kind}})
                 out.append({"set": {"family": FAMILY, "table": self.table, "name": name + NETS, "type": kind,
                                     "flags": ["interval"]}})
+        if self._handshake is not None:
+            timeout = self._handshake.recent_seconds
+            for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+                # Filled from the packet path: nftables makes them "dynamic" itself when the rules that update
+                # them come in the same transaction, and does not list that flag.
+                out.append({"set": {"family": FAMILY, "table": self.table, "name": f"handshake_recent{version}",
+                                    "type": [kind, "inet_service"], "size": 65535, "flags": ["timeout"],
+                                    "timeout": timeout}})
+                out.append({"set": {"family": FAMILY, "table": self.table, "name": f"handshake_flood{version}",
+                                    "type": kind, "size": 65535, "flags": ["timeout"], "timeout": 10}})
         return out
 
     def _chains(self) -> list[dict[str, Any]]:
@@ -105,7 +121,8 @@ class NftEnforcer:
             {"chain": {"family": FAMILY, "table": self.table, "name": name, "type": "filter", "hook": hook,
                        "prio": -10, "policy": "accept"}}
             for name, hook in (("forward_quarantine", "forward"), ("input_quarantine", "input"))
-        ]
+        ] + ([{"chain": {"family": FAMILY, "table": self.table, "name": "handshake", "type": "filter",
+                         "hook": "input", "prio": -200, "policy": "accept"}}] if self._handshake else [])
 
     def _rules(self) -> list[dict[str, Any]]:
         def addr(proto: str, field: str, right: Any, op: str = "==") -> dict[str, Any]:
@@ -151,10 +168,73 @@ class NftEnforcer:
                 rule("input_quarantine", *undecided, addr("tcp", "dport", self.port), {"accept": None}),
                 rule("input_quarantine", *undecided, reject(icmp)),
             ]
+        return rules + self._handshake_rules()
+
+    def _handshake_rules(self) -> list[dict[str, Any]]:
+        h = self._handshake
+        if h is None:
+            return []
+
+        def rule(*expr: dict[str, Any]) -> dict[str, Any]:
+            return {"rule": {"family": FAMILY, "table": self.table, "chain": "handshake", "expr": list(expr)}}
+
+        def match(left: dict[str, Any], right: Any) -> dict[str, Any]:
+            return {"match": {"op": "==", "left": left, "right": right}}
+
+        def mark(op: str, value: int) -> dict[str, Any]:
+            return {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {op: [{"meta": {"key": "mark"}}, value]}}}
+
+        udp = {"protocol": "udp", "field": "sport"}
+        port = match({"payload": {"protocol": "udp", "field": "dport"}}, h.listen_port)
+        # WireGuard messages start with a type byte and three zero bytes; an initiation is 148 bytes (UDP 156).
+        data = match({"payload": {"base": "th", "offset": 64, "len": 32}}, 0x04000000)
+        initiation = match({"payload": {"protocol": "udp", "field": "length"}}, 156)
+        rules = []
+        for proto, version in (("ip", 4), ("ip6", 6)):
+            source = {"payload": {"protocol": proto, "field": "saddr"}}
+            endpoint = {"concat": [source, {"payload": udp}]}
+            rules.append(rule(port, data, {"set": {"op": "update", "elem": endpoint,
+                                                   "set": f"@handshake_recent{version}"}}))
+        # Nothing outside this chain may pre-set gatewayd's bits (the "recent" bit lets a rekey through).
+        rules.append(rule(port, initiation, mark("&", 0xFFFFFFFF & ~(h.queue_mark | h.recent_mark))))
+        for proto, version in (("ip", 4), ("ip6", 6)):
+            source = {"payload": {"protocol": proto, "field": "saddr"}}
+            limit = {"limit": {"rate": h.rate, "burst": h.burst, "per": "second", "inv": True}}
+            rules.append(rule(port, initiation, {"set": {"op": "add", "elem": source,
+                                                         "set": f"@handshake_flood{version}", "stmt": [limit]}},
+                              {"drop": None}))
+        for proto, version in (("ip", 4), ("ip6", 6)):
+            endpoint = {"concat": [{"payload": {"protocol": proto, "field": "saddr"}}, {"payload": udp}]}
+            rules.append(rule(port, initiation, match(endpoint, f"@handshake_recent{version}"),
+                              mark("|", h.recent_mark)))
+        rules.append(rule(port, initiation, mark("|", h.queue_mark)))
         return rules
+
+    async def set_handshake(self, rules: HandshakeRules | None) -> None:
+        if rules == self._handshake:
+            return
+        old, self._handshake = self._handshake, rules
+        if self._list() is None:
+            return  # the next reconcile builds the table with it
+        commands: list[dict[str, Any]] = []
+        chain = {"chain": {"family": FAMILY, "table": self.table, "name": "handshake"}}
+        if old is not None:
+            commands.append({"delete": chain})
+            commands += [{"delete": {"set": {"family": FAMILY, "table": self.table, "name": f"handshake_{n}{v}"}}}
+                         for n in ("recent", "flood") for v in (4, 6)]
+        if rules is not None:
+            commands += [{"add": item} for item in self._sets() if item["set"]["name"].startswith("handshake_")]
+            commands += [{"add": item} for item in self._chains() if item["chain"]["name"] == "handshake"]
+            commands += [{"add": item} for item in self._handshake_rules()]
+        try:
+            self._run(commands)
+        except NftError:
+            self._handshake = old
+            raise
 
     def _structure(self) -> list[dict[str, Any]]:
         return [*self._sets(), *self._chains(), *self._rules()]
+
 
     # ---- libnftables ------------------------------------------------------------------------------
 
@@ -270,7 +350,9 @@ class NftEnforcer:
                    "tracked": {_normalize(p) for p in tracked}}
         table = {"table": {"family": FAMILY, "name": self.table}}
         commands: list[dict[str, Any]] = [{"add": table}]
-        commands += [{"add": item} for item in self._sets()]
+        # Not the handshake sets: added again they differ from the kernel's (dynamic) and fail. If someone
+        # removed them, the rules below fail too and the caller rebuilds the table (reconcile).
+        commands += [{"add": item} for item in self._sets() if not item["set"]["name"].startswith("handshake_")]
         chains = self._chains()
         commands += [{"add": item} for item in chains]
         commands += [{"flush": {"chain": {"family": FAMILY, "table": self.table, "name": c["chain"]["name"]}}}

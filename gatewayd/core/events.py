@@ -43,6 +43,25 @@ class HandshakeSeen(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class HandshakeInitiated(Event):
+    """A client's handshake initiation for the peer reached the gateway and waits for a verdict (WireGuard has
+    not seen it yet). Decrypted with the interface's key, so the peer is certain; the stamp is the initiation's
+    TAI64N timestamp, which only grows for a given key (WireGuard refuses a replay)."""
+
+    public_key: str
+    """The initiator."""
+    endpoint: str
+    """Where it came from ("ip:port" / "[ip6]:port")."""
+    at: float
+    """When it arrived (wall clock)."""
+    stamp: bytes
+    """TAI64N timestamp from inside the initiation."""
+    recent_data: bool
+    """The same endpoint sent WireGuard data packets in the last few seconds (nftables saw them): a running
+    client rekeys because it sends; a restarted one has no keys to send with."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class EndpointChanged(Event):
     """The peer roamed to another underlay endpoint."""
 

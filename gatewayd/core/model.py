@@ -151,6 +151,23 @@ class Peer:
     """Proofs accepted since the current demand."""
     step_up: bool = False
     """The current demand is a step-up (Disconnect or re-verification), not a connection policy."""
+    initiation_stamp: bytes = b""
+    """The latest TAI64N timestamp of the peer's handshake initiations (replays are older); not persisted."""
+    last_initiation: float | None = None
+    """When the latest initiation arrived (not persisted)."""
+    keys_at: float | None = None
+    """When the handshake that made the current session keys began, as seen by the handshake queue: a newer
+    estimate than `last_handshake`, which only a read of the interface updates (not persisted)."""
+    rekeying: bool = False
+    """The latest initiation was taken as a rekey (its retries are too)."""
+
+    @property
+    def session_clock(self) -> float | None:
+        """The latest moment session keys were made: the later of the handshake WireGuard reported and the
+        initiation the queue saw."""
+        if self.keys_at is None:
+            return self.last_handshake
+        return self.keys_at if self.last_handshake is None else max(self.keys_at, self.last_handshake)
 
     @property
     def verified_since(self) -> float | None:

@@ -41,6 +41,12 @@ from gatewayd.core.model import (
 # WireGuard protocol timers (whitepaper, section 6.1).
 REKEY_AFTER_TIME = 120.0
 REJECT_AFTER_TIME = 180.0
+REKEY_TIMEOUT = 5.0
+RETRY_WINDOW = REKEY_TIMEOUT + 1.0
+"""A client retries an unanswered initiation after REKEY_TIMEOUT plus up to 1/3 s of jitter."""
+EARLIEST_REKEY = REKEY_AFTER_TIME - REKEY_TIMEOUT
+"""A running client rekeys once its keys are REKEY_AFTER_TIME old; the gateway dates the keys from the
+initiation, a round trip before the client does, so a margin keeps timer and path jitter from looking early."""
 
 
 class Trigger(enum.Enum):
@@ -82,6 +88,26 @@ class CoreBug(Exception):
 class CoreConfig:
     quarantine_unknown_peers: bool = True
     """Peers not mapped to any member are locked in quarantine."""
+    handshake_detection: bool = False
+    """Handshake initiations arrive as HandshakeInitiated events (the handshake queue): they decide when a
+    client's session starts, and a read of the interface no longer guesses restarts from handshake times."""
+    new_endpoint_is_new_session: bool = True
+    """An initiation from another endpoint than the session's starts a new session (another machine may hold
+    the key)."""
+
+
+class SessionStart(enum.Enum):
+    """Why a handshake initiation starts a new session."""
+
+    NO_SESSION = "no_session"
+    """No live session: the first handshake, or the first after the session ended."""
+    NEW_ENDPOINT = "new_endpoint"
+    """From another endpoint than the live session's."""
+    EARLY = "early"
+    """Earlier than any rekey of the live session's keys can come: the client restarted."""
+    IDLE = "idle"
+    """Late enough for a rekey, but the endpoint sent no data lately: a running client rekeys because it sends,
+    so this client has no keys to send with (it restarted)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,9 +158,11 @@ class GatewayState:
     # ---- restoring and reading --------------------------------------------------------------------
 
     def restore(
-        self, teams: Iterable[TeamPolicy], members: Iterable[Member], records: Iterable[PeerRecord]
+        self, teams: Iterable[TeamPolicy], members: Iterable[Member], records: Iterable[PeerRecord],
+        now: float | None = None,
     ) -> None:
-        """Load persisted state. Only valid on a fresh GatewayState."""
+        """Load persisted state. Only valid on a fresh GatewayState. With `now`, a peer whose stored handshake
+        is younger than REJECT_AFTER_TIME keeps its session live (its next rekey is not a new session)."""
         if self.peers or self.members or self.teams:
             raise CoreBug("restore on a used GatewayState")
         for team in teams:
@@ -156,6 +184,8 @@ class GatewayState:
                 locked_reason=rec.locked_reason,
                 session_started_at=rec.session_started_at,
                 last_handshake=rec.last_handshake,
+                session_live=now is not None and rec.last_handshake is not None
+                and now < rec.last_handshake + REJECT_AFTER_TIME,
                 step_up=rec.step_up,
                 # Assumed still configured until the first read of the interface says otherwise.
                 present=bool(rec.allowed_ips),
@@ -219,9 +249,8 @@ class GatewayState:
         while (when := self.next_deadline()) is not None and when <= now:
             _, key = heapq.heappop(self._timers)
             peer = self.peers[key]
-            if peer.session_live and peer.last_handshake is not None and (
-                now >= peer.last_handshake + REJECT_AFTER_TIME
-            ):
+            clock = peer.session_clock
+            if peer.session_live and clock is not None and now >= clock + REJECT_AFTER_TIME:
                 self._end_session(peer, now, out)
             self._reverify_if_stale(peer, now, out)
             self._arm(peer)
@@ -229,8 +258,9 @@ class GatewayState:
 
     def _deadline(self, peer: Peer) -> float | None:
         candidates = []
-        if peer.session_live and peer.last_handshake is not None:
-            candidates.append(peer.last_handshake + REJECT_AFTER_TIME)
+        clock = peer.session_clock
+        if peer.session_live and clock is not None:
+            candidates.append(clock + REJECT_AFTER_TIME)
         interval = self._reverify_interval(peer)
         since = peer.verified_since
         if peer.state is A and interval and since is not None:
@@ -258,6 +288,12 @@ class GatewayState:
         out: list[Command] = []
         return self._on_policy(e, now, out), out
 
+    def initiated(self, e: ev.HandshakeInitiated, now: float) -> tuple[SessionStart | None, list[Command]]:
+        """A handshake initiation waiting for its verdict; the answer says whether (and why) it starts a new
+        session. The commands quarantine the peer if that session owes a proof: run them before the verdict."""
+        out: list[Command] = []
+        return self._on_initiation(e, now, out), out
+
     def accept_proof(self, e: ev.ProofAccepted, now: float) -> tuple[bool, list[Command]]:
         """A verified factor; the answer says whether it counted toward the peer's demand."""
         out: list[Command] = []
@@ -274,6 +310,8 @@ class GatewayState:
                 self._on_peer_unconfigured(event, out)
             case ev.HandshakeSeen():
                 self._on_handshake(event, now, out)
+            case ev.HandshakeInitiated():
+                self._on_initiation(event, now, out)
             case ev.EndpointChanged():
                 self._on_endpoint(event, out)
             case ev.DisconnectRequested():
@@ -340,23 +378,70 @@ class GatewayState:
             return
         previous = peer.last_handshake if peer.session_live else None
         peer.last_handshake = e.at
-        # A rekey comes no earlier than REKEY_AFTER_TIME into a live session. Anything else is a new
-        # session: the first after an expiry, or a client that restarted and handshook afresh.
-        new_session = previous is None or e.at - previous < REKEY_AFTER_TIME
-        peer.session_live = now < e.at + REJECT_AFTER_TIME
+        if self.config.handshake_detection and peer.keys_at is not None:
+            # Client initiations were decided as they arrived. A handshake while no session was live is one the
+            # gateway initiated: a new session.
+            new_session = not peer.session_live
+        else:
+            # (No initiation of this peer seen since start-up.) A rekey comes no earlier than REKEY_AFTER_TIME
+            # into a live session. Anything else is a new session: the first after an expiry, or a client that
+            # restarted and handshook afresh.
+            new_session = previous is None or e.at - previous < REKEY_AFTER_TIME
+        peer.session_live = now < (peer.session_clock or e.at) + REJECT_AFTER_TIME
         if new_session:
-            peer.session_started_at = e.at
-            out.append(self._publish("session.started", peer, handshake_at=e.at))
-            if peer.state is A:
-                demand = policy.for_new_session(
-                    self.policy_of(self.member_of(peer)),
-                    self.member_of(peer),
-                    quarantine_unknown=self.config.quarantine_unknown_peers,
-                )
-                if not demand.nothing:
-                    self._require(peer, demand, now, out, step_up=False)
+            self._start_session(peer, e.at, now, out)
         out.append(self._save(peer))
         self._arm(peer)
+
+    def _start_session(self, peer: Peer, at: float, now: float, out: list[Command], **data: object) -> None:
+        peer.session_started_at = at
+        out.append(self._publish("session.started", peer, handshake_at=at, **data))
+        if peer.state is A:
+            member = self.member_of(peer)
+            demand = policy.for_new_session(
+                self.policy_of(member), member, quarantine_unknown=self.config.quarantine_unknown_peers)
+            if not demand.nothing:
+                self._require(peer, demand, now, out, step_up=False)
+
+    def _on_initiation(self, e: ev.HandshakeInitiated, now: float, out: list[Command]) -> SessionStart | None:
+        peer = self.peers.get(e.public_key)
+        if peer is None or not peer.present or e.stamp <= peer.initiation_stamp:
+            # Not a peer of the interface (WireGuard drops it), or a replay (WireGuard drops it too).
+            return None
+        peer.initiation_stamp = e.stamp
+        previous, peer.last_initiation = peer.last_initiation, e.at
+        retry = previous is not None and 0 <= e.at - previous < RETRY_WINDOW
+        start = self._session_start(peer, e, retry)
+        old_endpoint, peer.endpoint = peer.endpoint, e.endpoint
+        if start is None:
+            if not (retry and peer.rekeying):
+                peer.keys_at = e.at
+            peer.rekeying = True
+            self._arm(peer)
+            return None
+        peer.keys_at, peer.rekeying, peer.session_live = e.at, False, True
+        if retry and peer.enforced:
+            return start  # a retry of an initiation that already started this session
+        self._start_session(peer, e.at, now, out, reason=start.value, endpoint=e.endpoint,
+                            previous_endpoint=old_endpoint)
+        out.append(self._save(peer))
+        self._arm(peer)
+        return start
+
+    def _session_start(self, peer: Peer, e: ev.HandshakeInitiated, retry: bool) -> SessionStart | None:
+        """The rule for a new session (README, "How sessions are detected")."""
+        keys = peer.session_clock
+        if not peer.session_live or keys is None or e.at - keys >= REJECT_AFTER_TIME:
+            return SessionStart.NO_SESSION
+        if self.config.new_endpoint_is_new_session and peer.endpoint is not None and e.endpoint != peer.endpoint:
+            return SessionStart.NEW_ENDPOINT
+        if retry and peer.rekeying and e.recent_data:
+            return None  # the client retries its rekey (the answer was lost) and still sends on its keys
+        if e.at - keys < EARLIEST_REKEY:
+            return SessionStart.EARLY
+        if not e.recent_data:
+            return SessionStart.IDLE
+        return None
 
     def _on_endpoint(self, e: ev.EndpointChanged, out: list[Command]) -> None:
         peer = self.peers.get(e.public_key)

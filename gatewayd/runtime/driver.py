@@ -436,7 +436,7 @@ class Driver:
         with contextlib.suppress(Exception):
             await self.store.rollback()
         core = GatewayState(self.core.config)
-        core.restore(*await self.store.load())
+        core.restore(*await self.store.load(), now=self.clock())
         self.core = core
         for hook in self.on_core_rebuilt:
             hook()

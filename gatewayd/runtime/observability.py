@@ -21,6 +21,10 @@ class Metrics:
     """Duration of one read of the WireGuard interface (read, parse, diff)."""
     poll_errors: Counter
     """Failed reads of the interface."""
+    handshake_verdict_seconds: Histogram
+    """From a held initiation's arrival in the daemon to its verdict (decided, enforced, committed)."""
+    handshake_initiations: Counter
+    """Queued packets by outcome: decided, passed (not an initiation to a known peer), dropped (not enforced)."""
 
     @classmethod
     def create(cls) -> Metrics:
@@ -34,4 +38,9 @@ class Metrics:
                                            LATENCY_BUCKETS),
             poll_seconds=r.histogram("gatewayd_poll_seconds", "Duration of one tracking poll", LATENCY_BUCKETS),
             poll_errors=r.counter("gatewayd_poll_errors_total", "Failed reads of the WireGuard interface"),
+            handshake_verdict_seconds=r.histogram(
+                "gatewayd_handshake_verdict_seconds",
+                "Handshake initiation held until its session was decided and enforced", LATENCY_BUCKETS),
+            handshake_initiations=r.counter("gatewayd_handshake_initiations_total",
+                                            "Queued handshake packets by outcome"),
         )

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from gatewayd.core.events import Event
@@ -68,6 +68,8 @@ class Tracker:
         """How long reads of the interface keep it busy, smoothed over the latest reads."""
         self.wake = asyncio.Event()
         """Set to read now (rtnetlink saw the interface change)."""
+        self.after_read: list[Callable[[], Awaitable[None]]] = []
+        """Called after each successful read (e.g. to follow the interface's key and port)."""
 
     def seed(self, baseline: Mapping[str, PeerSnapshot]) -> None:
         """What the store says was on the interface: the first read is compared with it, so that peers gone
@@ -115,6 +117,8 @@ class Tracker:
         if first or self.driver.pending_resets:
             async with self.driver.between_batches():
                 await self.driver.reset_pending()
+        for hook in self.after_read:
+            await hook()
 
     async def run(self) -> None:
         while True:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from gatewayd.core import events as ev
 from gatewayd.core.commands import Command, Publish, Quarantine, Release, ResetPeerSession
 from gatewayd.core.model import Factor, Member, Role, Roles, Scope, TeamPolicy
-from gatewayd.core.state import CoreConfig, DisconnectOutcome, GatewayState
+from gatewayd.core.state import CoreConfig, DisconnectOutcome, GatewayState, SessionStart
 
 K1, K2, K3 = "peer-one", "peer-two", "peer-three"
 
@@ -22,8 +22,9 @@ def member(mid: str = "alice", peers: tuple[str, ...] = (K1,), factors: frozense
 
 
 class Play:
-    def __init__(self, *, quarantine_unknown: bool = True) -> None:
-        self.gw = GatewayState(CoreConfig(quarantine_unknown_peers=quarantine_unknown))
+    def __init__(self, *, quarantine_unknown: bool = True, detection: bool = False, new_endpoint: bool = True) -> None:
+        self.gw = GatewayState(CoreConfig(quarantine_unknown_peers=quarantine_unknown, handshake_detection=detection,
+                                          new_endpoint_is_new_session=new_endpoint))
         self.now = 1_000_000.0
         self.log: list[Command] = []
 
@@ -46,6 +47,13 @@ class Play:
     def prove(self, event: ev.ProofAccepted) -> tuple[bool, list[Command]]:
         """A verified proof and whether it counted."""
         answer, out = self.gw.accept_proof(event, self.now)
+        self.log += out
+        return answer, out
+
+    def initiate(self, event: ev.HandshakeInitiated) -> tuple[SessionStart | None, list[Command]]:
+        """A handshake initiation at its arrival time, and why it starts a session (None: it does not)."""
+        self.now = event.at
+        answer, out = self.gw.initiated(event, self.now)
         self.log += out
         return answer, out
 

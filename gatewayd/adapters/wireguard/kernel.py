@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gatewayd.core.tracking import PeerSnapshot, Traffic
+from gatewayd.ports import InterfaceIdentity
 from gatewayd.scheduling import Pause, no_pause
 
 
@@ -76,16 +77,38 @@ def decode_device(messages: Iterable[Any]) -> dict[str, PeerSnapshot]:
     return peers
 
 
+def device_identity(messages: Iterable[Any]) -> InterfaceIdentity | None:
+    """The private key and listen port from WG_CMD_GET_DEVICE answers (None without a key)."""
+    import base64
+
+    for msg in messages:
+        key = msg.get_attr("WGDEVICE_A_PRIVATE_KEY")
+        if key:
+            raw = base64.b64decode(key) if isinstance(key, (str, bytes)) and len(key) == 44 else bytes(key)
+            if len(raw) == 32 and any(raw):
+                return InterfaceIdentity(private_key=raw,
+                                         listen_port=msg.get_attr("WGDEVICE_A_LISTEN_PORT") or 0)
+    return None
+
+
 class KernelWireGuard:
     def __init__(self, interface: str) -> None:
         self.interface = interface
         self.read_seconds = 0.0
+        self._identity: InterfaceIdentity | None = None
 
     def _read(self) -> dict[str, PeerSnapshot]:
         from pyroute2 import WireGuard
 
         with WireGuard() as wg:
-            return decode_device(wg.info(self.interface))
+            answers = list(wg.info(self.interface))
+        self._identity = device_identity(answers)
+        return decode_device(answers)
+
+    async def identity(self) -> InterfaceIdentity | None:
+        if self._identity is None:
+            await self.read()
+        return self._identity
 
     async def read(self, pause: Pause = no_pause) -> dict[str, PeerSnapshot]:
         await pause()  # the dump itself runs in a worker thread, in chunks the kernel locks one at a time

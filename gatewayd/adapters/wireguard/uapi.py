@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from gatewayd.core.tracking import PeerSnapshot, Traffic
+from gatewayd.ports import InterfaceIdentity
 from gatewayd.scheduling import Pause, Slices, no_pause
 
 # An answer takes ~330 bytes per peer (3.3 MB for 10,000): read it in pieces large enough to be few, small
@@ -103,6 +104,8 @@ class UapiWireGuard:
         # comparison); a busy peer's usually changes only in its counters (two integers parsed, the rest compared).
         self._cache: dict[bytes, _Cached] = {}
         self.read_seconds = 0.0
+        self._identity: InterfaceIdentity | None = None
+        """From the device lines of the latest read."""
 
     async def _exchange(self, request: str) -> str:
         """One request on a fresh connection; the answer ends with an empty line."""
@@ -127,7 +130,8 @@ class UapiWireGuard:
                 yield chunk
 
     async def _peer_blocks(self) -> list[bytes]:
-        """A "get=1" answer split into peer blocks (each starting with the hex key) while it arrives.
+        """A "get=1" answer split into the device's lines and then peer blocks (each starting with the hex key)
+        while it arrives.
         wireguard-go holds its configuration lock until it has written the whole answer, so this never pauses."""
         blocks: list[bytes] = []
         rest = b"\n"  # the device lines come first; a peer block starts after "\npublic_key="
@@ -139,13 +143,14 @@ class UapiWireGuard:
         if status.strip() != b"0":
             raise UapiError(f"UAPI get failed with errno={status.strip().decode(errors='replace')}")
         blocks.append(body.rstrip(b"\n"))
-        return blocks[1:]
+        return blocks
 
     async def read(self, pause: Pause = no_pause) -> dict[str, PeerSnapshot]:
         await pause()
         asked = time.perf_counter()
-        blocks = await self._peer_blocks()
+        device, *blocks = await self._peer_blocks()
         self.read_seconds = time.perf_counter() - asked
+        self._identity = device_identity(device)
         peers: dict[str, PeerSnapshot] = {}
         old, cache = self._cache, {}
         slices = Slices(pause)
@@ -161,10 +166,28 @@ class UapiWireGuard:
         self._cache = cache
         return peers
 
+    async def identity(self) -> InterfaceIdentity | None:
+        if self._identity is None:
+            await self.read()
+        return self._identity
+
     async def reset_sessions(self, peers: Sequence[PeerSnapshot]) -> None:
         answer = await self._exchange(reset_request(peers))
         if answer.strip() != "errno=0":
             raise UapiError(f"UAPI set failed: {answer.strip()}")
+
+
+def device_identity(device: bytes) -> InterfaceIdentity | None:
+    """The private key and listen port from a "get=1" answer's device lines (None without a key)."""
+    fields = dict(line.split(b"=", 1) for line in device.split(b"\n") if b"=" in line)
+    key = fields.get(b"private_key", b"")
+    if len(key) != 64 or key == ZERO_KEY.encode():
+        return None
+    try:
+        return InterfaceIdentity(private_key=bytes.fromhex(key.decode()),
+                                 listen_port=int(fields.get(b"listen_port", b"0")))
+    except ValueError:
+        return None
 
 
 def _decode(block: bytes, cached: _Cached | None) -> _Cached:

@@ -1,0 +1,274 @@
+"""WireGuard handshake initiations brought to the daemon through nfnetlink_queue, over a raw netlink socket.
+
+The packets come from the `handshake` chain of gatewayd's nftables table (see adapters/nftables.py), which marks
+each initiation to the interface's listen port after rate-limiting it per source. Two ways into the queue:
+- `nft`: the chain itself ends in `queue num N` (kernels with CONFIG_NFT_QUEUE, most distributions);
+- `xt`: the kernel lacks the native expression, so one iptables-nft rule per family in the mangle table's INPUT
+  chain (priority -150, after gatewayd's chain at -200) sends the marked packets to the xt NFQUEUE target.
+`pick_mode` tries the native expression in a check-only transaction and falls back.
+
+Without `bypass`, the kernel drops what it would queue while nobody listens: initiations are not let through
+unseen while the daemon is down (sessions keep running on their keys; clients retry every 5 s). With `bypass` they
+pass unseen instead. Every queued packet waits for a verdict; the socket's buffer overflowing drops packets
+(fail closed), and the client retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import Callable
+
+import nftables
+
+from gatewayd.netlink import attrs, messages, nla
+from gatewayd.ports import QueuedPacket
+
+log = logging.getLogger(__name__)
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_QUEUE = 3
+NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
+NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
+NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
+NFQNL_COPY_PACKET = 2
+NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK, NFQA_PAYLOAD = 1, 2, 3, 10
+NF_DROP, NF_ACCEPT = 0, 1
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLMSG_ERROR = 2
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+COPY_RANGE = 512  # an initiation's IP packet is 176 (IPv4) or 196 (IPv6) bytes; options and headers fit
+RULE_COMMENT = "gatewayd handshake queue"
+
+
+class QueueError(RuntimeError):
+    pass
+
+
+class HandshakeQueue:
+    """One nfnetlink_queue bound on the event loop. `on_packets` gets each datagram's packets (a list, in the
+    kernel's order); verdicts are sent with `accept` / `drop`, in any order."""
+
+    def __init__(self, number: int, on_packets: Callable[[list[QueuedPacket]], None], *,
+                 max_len: int = 4096, rcvbuf: int = 8 << 20) -> None:
+        if not 0 <= number <= 0xFFFF:
+            raise QueueError(f"queue number {number} is not 0-65535")
+        self.number, self.on_packets, self.max_len, self.rcvbuf = number, on_packets, max_len, rcvbuf
+        self._sock: socket.socket | None = None
+        self._seq = 0
+        self.overflows = 0
+
+    def _message(self, msg_type: int, flags: int, body: bytes) -> bytes:
+        self._seq += 1
+        payload = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(self.number)) + body
+        return struct.pack("=IHHII", 16 + len(payload), (NFNL_SUBSYS_QUEUE << 8) | msg_type,
+                           NLM_F_REQUEST | flags, self._seq, 0) + payload
+
+    def _configure(self, sock: socket.socket, body: bytes) -> None:
+        sock.send(self._message(NFQNL_MSG_CONFIG, NLM_F_ACK, body))
+        for kind, payload in messages(sock.recv(65536)):
+            if kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", payload)
+                if code in (-errno.EBUSY, -errno.EPERM):
+                    # The kernel answers EPERM when another socket owns the queue.
+                    raise QueueError(f"queue {self.number} is already bound by another process (or gatewayd "
+                                     "lacks CAP_NET_ADMIN); set handshake.queue_num to a free number")
+                if code:
+                    raise QueueError(f"binding queue {self.number}: {errno.errorcode.get(-code, -code)}")
+
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
+            sock.bind((0, 0))
+            self._configure(sock, nla(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, 0)))
+            self._configure(sock, nla(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_RANGE, NFQNL_COPY_PACKET))
+                            + nla(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", self.max_len)))
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def close(self) -> None:
+        """Unbind (packets queued and not yet answered are dropped by the kernel)."""
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                data = self._sock.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                # The kernel could not hand us packets: it dropped them (no fail-open flag). Clients retry.
+                self.overflows += 1
+                continue
+            packets = []
+            for kind, payload in messages(data):
+                if kind != (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
+                    continue
+                packet_id = mark = None
+                body = b""
+                for attr, value in attrs(payload[4:]):
+                    if attr == NFQA_PACKET_HDR:
+                        (packet_id,) = struct.unpack_from("!I", value)
+                    elif attr == NFQA_MARK:
+                        (mark,) = struct.unpack_from("!I", value)
+                    elif attr == NFQA_PAYLOAD:
+                        body = value
+                if packet_id is not None:
+                    packets.append(QueuedPacket(id=packet_id, mark=mark or 0, payload=body))
+            if packets:
+                self.on_packets(packets)
+
+    def verdict(self, packet_id: int, verdict: int) -> None:
+        if self._sock is None:
+            return  # unbound: the kernel dropped the packet already
+        message = self._message(NFQNL_MSG_VERDICT, 0, nla(NFQA_VERDICT_HDR, struct.pack("!II", verdict,
+                                                                                          packet_id)))
+        try:
+            self._sock.send(message)
+        except BlockingIOError:
+            # The kernel's socket buffer for verdicts is full (never seen): the packet times out queued and
+            # is dropped when the queue is unbound; the client retries.
+            log.warning("verdict for packet %d not sent: socket busy", packet_id)
+
+    def accept(self, packet_id: int) -> None:
+        self.verdict(packet_id, NF_ACCEPT)
+
+    def drop(self, packet_id: int) -> None:
+        self.verdict(packet_id, NF_DROP)
+
+
+# ---- how packets get into the queue ---------------------------------------------------------------
+
+
+def native_queue_supported() -> bool:
+    """Whether nftables' own `queue` expression exists in this kernel: a rule using it, in a chain no packet
+    passes (no hook), in a table removed at once."""
+    nft = nftables.Nftables()
+    rc, _out, _err = nft.cmd(
+        "add table inet gatewayd_probe\n"
+        "add chain inet gatewayd_probe probe\n"
+        "add rule inet gatewayd_probe probe queue num 0 bypass\n")
+    nft.cmd("delete table inet gatewayd_probe")
+    return bool(rc == 0)
+
+
+def pick_mode(configured: str) -> str:
+    """"nft" or "xt" for the configured "auto", "nft" or "xt"."""
+    if configured != "auto":
+        return configured
+    if native_queue_supported():
+        return "nft"
+    return "xt"
+
+
+class XtQueueRule:
+    """The iptables-nft rules (IPv4 and IPv6) that send packets carrying gatewayd's queue mark to the NFQUEUE
+    target. Each is recognised by its comment; `ensure` replaces any that differ from the wanted one."""
+
+    TOOLS = ("iptables-nft", "ip6tables-nft")
+
+    def __init__(self, *, number: int, mark: int, bypass: bool) -> None:
+        self.number, self.mark, self.bypass = number, mark, bypass
+        missing = [t for t in self.TOOLS if shutil.which(t) is None]
+        if missing:
+            raise QueueError(f"{', '.join(missing)} not found (Debian package iptables): the kernel has no "
+                             "native nftables queue, so the xt NFQUEUE target is needed")
+
+    def spec(self) -> list[str]:
+        out = ["-m", "mark", "--mark", f"{self.mark:#x}/{self.mark:#x}", "-m", "comment", "--comment",
+               RULE_COMMENT, "-j", "NFQUEUE", "--queue-num", str(self.number)]
+        return out + (["--queue-bypass"] if self.bypass else [])
+
+    @staticmethod
+    def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([tool, "-w", "5", "-t", "mangle", *args], capture_output=True, text=True,
+                              timeout=30)
+
+    def present(self) -> bool:
+        return all(self._run(tool, "-C", "INPUT", *self.spec()).returncode == 0 for tool in self.TOOLS)
+
+    def ensure(self) -> bool:
+        """Install the rules unless they are there as wanted; remove gatewayd rules that differ. True if
+        anything changed."""
+        changed = False
+        for tool in self.TOOLS:
+            if self._run(tool, "-C", "INPUT", *self.spec()).returncode == 0:
+                continue
+            self._remove_ours(tool)
+            done = self._run(tool, "-I", "INPUT", "1", *self.spec())
+            if done.returncode != 0:
+                raise QueueError(f"{tool}: {done.stderr.strip() or 'failed'}")
+            changed = True
+        return changed
+
+    def _remove_ours(self, tool: str) -> None:
+        listing = self._run(tool, "-S", "INPUT")
+        for line in listing.stdout.splitlines():
+            if RULE_COMMENT in line and line.startswith("-A INPUT "):
+                args = _split_rule(line[len("-A INPUT "):])
+                self._run(tool, "-D", "INPUT", *args)
+
+    def remove(self) -> None:
+        for tool in self.TOOLS:
+            self._remove_ours(tool)
+
+
+class NftQueueRule:
+    """nftables' own queue expression, in a small table of its own (`<table>_queue`, input hook at -150, after
+    gatewayd's chain at -200): the same place in the path as the xt rule. Not exercised on this project's test
+    machines, whose kernel lacks the expression."""
+
+    def __init__(self, *, table: str, number: int, mark: int, bypass: bool) -> None:
+        self.table, self.number, self.mark, self.bypass = f"{table}_queue", number, mark, bypass
+
+    def _text(self) -> str:
+        return (f"add table inet {self.table}\n"
+                f"add chain inet {self.table} input {{ type filter hook input priority -150; }}\n"
+                f"flush chain inet {self.table} input\n"
+                f"add rule inet {self.table} input meta mark & {self.mark:#x} == {self.mark:#x} "
+                f"queue num {self.number}{' bypass' if self.bypass else ''}\n")
+
+    def _run(self, text: str) -> tuple[int, str]:
+        nft = nftables.Nftables()
+        rc, out, err = nft.cmd(text)
+        return rc, out if rc == 0 else err
+
+    def present(self) -> bool:
+        rc, out = self._run(f"list chain inet {self.table} input")
+        return rc == 0 and f"queue num {self.number}" in out and (" bypass" in out) == self.bypass
+
+    def ensure(self) -> bool:
+        if self.present():
+            return False
+        rc, err = self._run(self._text())
+        if rc != 0:
+            raise QueueError(f"nftables queue rule: {err.strip()}")
+        return True
+
+    def remove(self) -> None:
+        self._run(f"delete table inet {self.table}")
+
+
+QueueRule = XtQueueRule | NftQueueRule
+
+
+def _split_rule(text: str) -> list[str]:
+    import shlex
+
+    return shlex.split(text)
