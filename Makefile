@@ -49,6 +49,7 @@ fuzz: deps
 bench: deps
 	$(BIN)/python -m bench.disconnect --out bench/results.json
 	$(BIN)/python -m bench.drift --out bench/drift.json
+	$(BIN)/python -m bench.handshakes --out bench/handshakes.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -77,13 +77,13 @@ class Adapters:
 def kernel_adapters(config: Config) -> Adapters:
     """The real adapters: nftables, WireGuard (kernel genetlink or UAPI), conntrack."""
     from gatewayd.adapters.conntrack import Conntrack
-    from gatewayd.adapters.nfqueue import HandshakeQueue, NftQueueRule, XtQueueRule, pick_mode
+    from gatewayd.adapters.nfqueue import HandshakeQueue, NftQueueRule, StaleQueueRules, XtQueueRule, pick_mode
     from gatewayd.adapters.nftables import NftEnforcer
     from gatewayd.adapters.nftmonitor import NftMonitor
     from gatewayd.adapters.wireguard import open_source
 
     h = config.handshake
-    rule: QueueRule | None = None
+    rule: QueueRule = StaleQueueRules(table=config.enforcement.table)
     mode = pick_mode(h.queue) if h.detect else None
     if mode == "xt":
         rule = XtQueueRule(number=h.queue_num, mark=h.queue_mark, bypass=h.daemon_down == "bypass")

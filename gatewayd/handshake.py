@@ -26,29 +26,29 @@ LABEL_MAC1 = b"mac1----"
 
 INITIATION = 1
 INITIATION_SIZE = 148
-_MAC1_AT = 116  # mac1 covers the message up to here
-_ZERO_NONCE = bytes(12)
+MAC1_AT = 116  # mac1 covers the message up to here
+ZERO_NONCE = bytes(12)
 
 
-def _hash(*parts: bytes) -> bytes:
+def blake2s(*parts: bytes) -> bytes:
     h = hashlib.blake2s()
     for p in parts:
         h.update(p)
     return h.digest()
 
 
-def _hmac(key: bytes, data: bytes) -> bytes:
+def hmac_blake2s(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.blake2s).digest()
 
 
-def _kdf2(key: bytes, data: bytes) -> tuple[bytes, bytes]:
-    t0 = _hmac(key, data)
-    t1 = _hmac(t0, b"\x01")
-    return t1, _hmac(t0, t1 + b"\x02")
+def kdf2(key: bytes, data: bytes) -> tuple[bytes, bytes]:
+    t0 = hmac_blake2s(key, data)
+    t1 = hmac_blake2s(t0, b"\x01")
+    return t1, hmac_blake2s(t0, t1 + b"\x02")
 
 
-def _kdf1(key: bytes, data: bytes) -> bytes:
-    return _hmac(_hmac(key, data), b"\x01")
+def kdf1(key: bytes, data: bytes) -> bytes:
+    return hmac_blake2s(hmac_blake2s(key, data), b"\x01")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +72,10 @@ class Responder:
             raise ValueError("a WireGuard private key is 32 bytes")
         self._private = X25519PrivateKey.from_private_bytes(private_key)
         self.public_key = self._private.public_key().public_bytes_raw()
-        chaining = _hash(CONSTRUCTION)
+        chaining = blake2s(CONSTRUCTION)
         self._chaining = chaining
-        self._hash = _hash(_hash(chaining, IDENTIFIER), self.public_key)
-        self._mac1_key = _hash(LABEL_MAC1, self.public_key)
+        self._hash = blake2s(blake2s(chaining, IDENTIFIER), self.public_key)
+        self._mac1_key = blake2s(LABEL_MAC1, self.public_key)
         self._static_static: dict[bytes, bytes] = {}
 
     def __repr__(self) -> str:
@@ -85,8 +85,8 @@ class Responder:
         """Whether the message is an initiation whose mac1 is keyed with this interface's public key."""
         if len(message) != INITIATION_SIZE or message[:4] != b"\x01\x00\x00\x00":
             return False
-        expected = hashlib.blake2s(message[:_MAC1_AT], key=self._mac1_key, digest_size=16).digest()
-        return hmac.compare_digest(expected, message[_MAC1_AT:_MAC1_AT + 16])
+        expected = hashlib.blake2s(message[:MAC1_AT], key=self._mac1_key, digest_size=16).digest()
+        return hmac.compare_digest(expected, message[MAC1_AT:MAC1_AT + 16])
 
     def open(self, message: bytes) -> Initiation | None:
         """The initiation's initiator and timestamp, or None if it is not an initiation to this interface or
@@ -95,21 +95,21 @@ class Responder:
             return None
         ephemeral = message[8:40]
         try:
-            chaining = _kdf1(self._chaining, ephemeral)
-            h = _hash(self._hash, ephemeral)
+            chaining = kdf1(self._chaining, ephemeral)
+            h = blake2s(self._hash, ephemeral)
             shared = self._private.exchange(X25519PublicKey.from_public_bytes(ephemeral))
-            chaining, key = _kdf2(chaining, shared)
+            chaining, key = kdf2(chaining, shared)
             sealed_static = message[40:88]
-            initiator = ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, sealed_static, h)
-            h = _hash(h, sealed_static)
+            initiator = ChaCha20Poly1305(key).decrypt(ZERO_NONCE, sealed_static, h)
+            h = blake2s(h, sealed_static)
             static_static = self._static_static.get(initiator)
             if static_static is None:
                 static_static = self._private.exchange(X25519PublicKey.from_public_bytes(initiator))
                 if len(self._static_static) >= 1 << 20:
                     self._static_static.clear()
                 self._static_static[initiator] = static_static
-            chaining, key = _kdf2(chaining, static_static)
-            timestamp = ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, message[88:116], h)
+            chaining, key = kdf2(chaining, static_static)
+            timestamp = ChaCha20Poly1305(key).decrypt(ZERO_NONCE, message[88:116], h)
         except (InvalidTag, ValueError):
             # ValueError: a low-order point gives an all-zero shared secret, which cryptography refuses.
             return None

@@ -218,11 +218,15 @@ class XtQueueRule:
         return changed
 
     def _remove_ours(self, tool: str) -> None:
-        listing = self._run(tool, "-S", "INPUT")
+        self._remove_ours_with(tool)
+
+    @classmethod
+    def _remove_ours_with(cls, tool: str) -> None:
+        listing = cls._run(tool, "-S", "INPUT")
         for line in listing.stdout.splitlines():
             if RULE_COMMENT in line and line.startswith("-A INPUT "):
                 args = _split_rule(line[len("-A INPUT "):])
-                self._run(tool, "-D", "INPUT", *args)
+                cls._run(tool, "-D", "INPUT", *args)
 
     def remove(self) -> None:
         for tool in self.TOOLS:
@@ -265,7 +269,24 @@ class NftQueueRule:
         self._run(f"delete table inet {self.table}")
 
 
-QueueRule = XtQueueRule | NftQueueRule
+class StaleQueueRules:
+    """With handshake detection off: whatever queue rule an earlier run left (either kind), to remove at start
+    (a fail-closed rule with nobody listening would drop every initiation)."""
+
+    def __init__(self, *, table: str) -> None:
+        self.table = table
+
+    def ensure(self) -> bool:
+        return False
+
+    def present(self) -> bool:
+        return False
+
+    def remove(self) -> None:
+        NftQueueRule(table=self.table, number=0, mark=0, bypass=False).remove()
+        if all(shutil.which(t) for t in XtQueueRule.TOOLS):
+            for tool in XtQueueRule.TOOLS:
+                XtQueueRule._remove_ours_with(tool)
 
 
 def _split_rule(text: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import signal
 import socket
 import struct
@@ -138,6 +139,41 @@ def cmd_flood(args: argparse.Namespace) -> None:
     print(json.dumps({"tag": args.tag, "sent": sent, "send_errors": errors}))
 
 
+def cmd_handshakes(args: argparse.Namespace) -> None:
+    """Handshake initiations to a WireGuard port at a steady rate: garbage (mac1 wrong), mac1 (right mac1,
+    contents that do not decrypt), replay (one initiation of --peer-key stamped --stamp-age seconds ago, which
+    WireGuard has seen newer ones than: it drops it, and so must gatewayd), or mix."""
+    import base64
+
+    from gatewayd.lab.noise import initiation, mac1_only, tai64n
+
+    host, port = args.to.rsplit(":", 1)
+    gateway = base64.b64decode(args.gateway_key)
+    pool: list[bytes] = []
+    kinds = ["garbage", "mac1", "replay"] if args.kind == "mix" else [args.kind]
+    for kind in kinds:
+        if kind == "garbage":
+            pool += [b"\x01\x00\x00\x00" + os.urandom(144) for _ in range(64)]
+        elif kind == "mac1":
+            pool += [mac1_only(gateway) for _ in range(64)]
+        else:
+            stamp = tai64n(time.time() - args.stamp_age)
+            pool += [initiation(base64.b64decode(args.peer_key), gateway, stamp=stamp)] * 64
+    sent = 0
+    tick = 0.005
+    per_tick = max(1, int(args.rate * tick))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        start = time.monotonic()
+        end = start + args.duration
+        while (now := time.monotonic()) < end:
+            due = int((now - start) * args.rate) + per_tick
+            while sent < due:
+                s.sendto(pool[sent % len(pool)], (host, int(port)))
+                sent += 1
+            time.sleep(tick)
+    print(json.dumps({"sent": sent, "seconds": round(time.monotonic() - start, 3)}))
+
+
 def cmd_tcp(args: argparse.Namespace) -> None:
     host, port = args.to.rsplit(":", 1)
     sent, error = 0, None
@@ -250,6 +286,14 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--duration", type=float, default=5.0)
         if name == "flood":
             p.add_argument("--rate", type=float, default=1000.0)
+    p = sub.add_parser("handshakes")
+    p.add_argument("--to", required=True)
+    p.add_argument("--gateway-key", required=True, help="the gateway's public key (base64)")
+    p.add_argument("--peer-key", help="a peer's private key (base64), for replay")
+    p.add_argument("--kind", choices=["garbage", "mac1", "replay", "mix"], default="mix")
+    p.add_argument("--stamp-age", type=float, default=3600.0)
+    p.add_argument("--rate", type=float, default=20000.0)
+    p.add_argument("--duration", type=float, default=5.0)
     p = sub.add_parser("sink")
     p.add_argument("--udp", type=int, default=5000)
     p.add_argument("--tcp", type=int, default=5001)

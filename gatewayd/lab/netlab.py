@@ -164,7 +164,10 @@ class Lab:
         for peer in self.peers:
             self._add_peer(peer)
 
-    def _add_peer(self, peer: LabPeer) -> None:
+    def _add_peer(self, peer: LabPeer, *, tunnel: LabPeer | None = None, client_keepalive: int = 25) -> None:
+        """The peer's namespace, underlay link and wireguard-go. `tunnel`: use that peer's tunnel addresses and
+        leave the gateway's configuration alone (another machine holding the same key)."""
+        addresses = tunnel or peer
         self._netns(peer.ns)
         a, b = f"gwd{self.tag}u{peer.index}", f"gwd{self.tag}v{peer.index}"
         run("ip", "link", "add", a, "netns", self.gw_ns, "type", "veth", "peer", "name", b, "netns", peer.ns)
@@ -172,28 +175,52 @@ class Lab:
         run("ip", "link", "set", a, "up", ns=self.gw_ns)
         run("ip", "addr", "add", f"{peer.underlay}/30", "dev", b, ns=peer.ns)
         run("ip", "link", "set", b, "up", ns=peer.ns)
-        # The gateway knows the peer by key and tunnel addresses before the peer's first initiation; it learns
-        # the endpoint from the handshake.
-        run("wg", "set", self.gw_iface, "peer", peer.public_key, "allowed-ips",
-            f"{peer.tunnel_ip}/32,{peer.tunnel_ip6}/128", "persistent-keepalive", str(self.gateway_keepalive),
-            ns=self.gw_ns)
+        if tunnel is None:
+            # The gateway knows the peer by key and tunnel addresses before the peer's first initiation; it
+            # learns the endpoint from the handshake.
+            run("wg", "set", self.gw_iface, "peer", peer.public_key, "allowed-ips",
+                f"{peer.tunnel_ip}/32,{peer.tunnel_ip6}/128", "persistent-keepalive", str(self.gateway_keepalive),
+                ns=self.gw_ns)
         self._wireguard_go(peer.ns, peer.iface)
         key_file = self.workdir / f"p{peer.index}.key"
         key_file.write_text(peer.private_key)
         key_file.chmod(0o600)
-        run("wg", "set", peer.iface, "private-key", str(key_file), "peer", self.gw_public, "endpoint",
-            f"{peer.underlay_gw}:{WG_PORT}", "allowed-ips", "10.99.0.1/32,fd99::1/128,198.19.0.0/24",
-            "persistent-keepalive", "25", ns=peer.ns)
-        run("ip", "addr", "add", f"{peer.tunnel_ip}/32", "dev", peer.iface, ns=peer.ns)
-        run("ip", "addr", "add", f"{peer.tunnel_ip6}/128", "dev", peer.iface, ns=peer.ns)
+        run("wg", "set", peer.iface, "private-key", str(key_file), ns=peer.ns)
+        self._client_peer(peer, keepalive=client_keepalive)
+        run("ip", "addr", "add", f"{addresses.tunnel_ip}/32", "dev", peer.iface, ns=peer.ns)
+        run("ip", "addr", "add", f"{addresses.tunnel_ip6}/128", "dev", peer.iface, ns=peer.ns)
         run("ip", "link", "set", peer.iface, "up", ns=peer.ns)
         for dest in ("10.99.0.1/32", "198.19.0.0/24"):
             run("ip", "route", "add", dest, "dev", peer.iface, ns=peer.ns)
         run("ip", "-6", "route", "add", "fd99::1/128", "dev", peer.iface, ns=peer.ns)
 
+    def _client_peer(self, peer: LabPeer, *, keepalive: int) -> None:
+        run("wg", "set", peer.iface, "peer", self.gw_public, "endpoint", f"{peer.underlay_gw}:{WG_PORT}",
+            "allowed-ips", "10.99.0.1/32,fd99::1/128,198.19.0.0/24", "persistent-keepalive", str(keepalive),
+            ns=peer.ns)
+
+    def restart_client(self, peer: LabPeer, *, keepalive: int = 25) -> None:
+        """What a client restart leaves: the same key and port, no session keys (the gateway peer is removed
+        and added again on the client's interface). Its next packet starts a handshake."""
+        run("wg", "set", peer.iface, "peer", self.gw_public, "remove", ns=peer.ns)
+        self._client_peer(peer, keepalive=keepalive)
+
+    def set_client_keepalive(self, peer: LabPeer, seconds: int) -> None:
+        run("wg", "set", peer.iface, "peer", self.gw_public, "persistent-keepalive", str(seconds), ns=peer.ns)
+
+    def add_clone(self, peer: LabPeer) -> LabPeer:
+        """Another machine holding `peer`'s key (its own namespace and underlay, the same tunnel addresses); the
+        gateway's configuration is not changed. Quiet until it sends."""
+        index = 200 + sum(1 for p in self.peers if p.index >= 200)
+        clone = LabPeer(index=index, ns=f"gwd{self.tag}-c{index}", iface=f"gwd{self.tag}c{index}",
+                        private_key=peer.private_key, public_key=peer.public_key)
+        self.peers.append(clone)
+        self._add_peer(clone, tunnel=peer, client_keepalive=0)
+        return clone
+
     def add_peer(self) -> LabPeer:
         """A new peer namespace, configured on the gateway's interface now (as a control plane would)."""
-        index = max((p.index for p in self.peers), default=0) + 1
+        index = max((p.index for p in self.peers if p.index < 200), default=0) + 1
         private, public = keypair()
         peer = LabPeer(index=index, ns=f"gwd{self.tag}-p{index}", iface=f"gwd{self.tag}p{index}",
                        private_key=private, public_key=public)
