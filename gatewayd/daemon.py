@@ -142,10 +142,10 @@ class Daemon:
             tracker, source, watch = self.tracker, adapters.source, self.handshakes
             assert source is not None
 
-            async def adopt() -> None:
-                await watch.adopt(await source.identity())
+            async def follow() -> None:
+                await watch.follow(await source.identity())
 
-            tracker.after_read.append(adopt)
+            tracker.after_read.append(follow)
         self.checkpointer = Checkpointer(self.store, self.driver)
         self.guard = EnforcementGuard(self.driver, table=config.enforcement.table,
                                       interval=lambda: self.config.enforcement.verify_interval, clock=clock)
@@ -212,13 +212,22 @@ class Daemon:
             # Listening before the first reconcile: a change made by someone else from then on is noticed.
             self.monitor = self.adapters.monitor(self.guard.drift)
             await self.monitor.start()
-        if self.handshakes is not None:
-            # Bound before anything is sent to it: initiations wait here (not dropped) until the core is running.
+        if self.handshakes is not None and self.adapters.source is not None:
+            # Bound before anything is sent to it: initiations wait here (not dropped) until the driver runs,
+            # after the reconcile. The interface's key and port come first, so that the reconcile writes the
+            # handshake chain with the rest of the table (a rule left by the last run keeps working throughout).
             self.handshakes.start()
+            try:
+                await self.handshakes.adopt(await self.adapters.source.identity())
+            except OSError as exc:
+                log.warning("reading %s failed: %s (handshakes are followed once it can be read)",
+                            self.config.wireguard.interface, exc)
         elif self.adapters.queue_rule is not None:
             await asyncio.to_thread(self.adapters.queue_rule.remove)  # detection was turned off
         await self.adapters.enforcer.reconcile(self.core.enforced_prefixes(), self.core.tracked_prefixes())
         self.guard.verified_at = self.clock()
+        if self.handshakes is not None:
+            await self.handshakes.ensure_rule()
         if self.tracker is not None:
             # The first read of the interface is compared with what was stored: peers gone meanwhile are
             # unconfigured, so that their prefixes stop being tracked.

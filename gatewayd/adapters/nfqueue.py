@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import nftables
 
+from gatewayd.errors import StartupError
 from gatewayd.netlink import attrs, messages, nla
 from gatewayd.ports import QueuedPacket
 
@@ -46,8 +47,8 @@ COPY_RANGE = 512  # an initiation's IP packet is 176 (IPv4) or 196 (IPv6) bytes;
 RULE_COMMENT = "gatewayd handshake queue"
 
 
-class QueueError(RuntimeError):
-    pass
+class QueueError(StartupError):
+    """The queue or its rule cannot be set up (at start-up: gatewayd does not start)."""
 
 
 class HandshakeQueue:
@@ -170,11 +171,13 @@ def native_queue_supported() -> bool:
 
 def pick_mode(configured: str) -> str:
     """"nft" or "xt" for the configured "auto", "nft" or "xt"."""
+    native = native_queue_supported()
+    if configured == "nft" and not native:
+        raise QueueError('handshake.queue is "nft" but this kernel has no nftables queue expression '
+                         '(CONFIG_NFT_QUEUE): use "xt" (iptables-nft) or "auto"')
     if configured != "auto":
         return configured
-    if native_queue_supported():
-        return "nft"
-    return "xt"
+    return "nft" if native else "xt"
 
 
 class XtQueueRule:

@@ -70,32 +70,46 @@ class HandshakeWatch:
         """Bind the queue (before the rules send anything to it)."""
         self.queue.start()
 
-    async def adopt(self, identity: InterfaceIdentity | None) -> None:
+    async def adopt(self, identity: InterfaceIdentity | None) -> bool:
         """Follow the interface's key and port: open initiations with the key, and point the table's handshake
-        chain and the queue rule at the port. Called after each read of the interface."""
+        chain at the port. True if the port changed (the queue rule must then be ensured)."""
         if identity is None or not identity.listen_port:
-            return
+            return False
         if self.responder is None or identity.private_key != self._key:
             self.responder = Responder(identity.private_key)
             self._key = identity.private_key
-        if identity.listen_port != self.listen_port:
-            s = self.settings
-            await self.install_rules(HandshakeRules(
-                listen_port=identity.listen_port, queue_mark=s.queue_mark,
-                recent_mark=s.recent_mark, rate=s.rate, burst=s.burst, recent_seconds=s.recent_seconds))
+        if identity.listen_port == self.listen_port:
+            return False
+        s = self.settings
+        await self.install_rules(HandshakeRules(
+            listen_port=identity.listen_port, queue_mark=s.queue_mark, recent_mark=s.recent_mark, rate=s.rate,
+            burst=s.burst, recent_seconds=s.recent_seconds))
+        if self.listen_port:
+            log.info("WireGuard listen port moved from %d to %d", self.listen_port, identity.listen_port)
+        self.listen_port = identity.listen_port
+        return True
+
+    async def ensure_rule(self) -> None:
+        """Install the queue rule (after the reconcile: nothing is sent to the queue before)."""
+        if self.listen_port:
             await asyncio.to_thread(self.rule.ensure)
-            if self.listen_port:
-                log.info("WireGuard listen port moved from %d to %d", self.listen_port, identity.listen_port)
-            self.listen_port = identity.listen_port
             log.info("handshake initiations to port %d are decided as they arrive", self.listen_port)
+
+    async def follow(self, identity: InterfaceIdentity | None) -> None:
+        """After a read of the interface."""
+        if await self.adopt(identity):
+            await self.ensure_rule()
 
     async def run(self, interval: float = 30.0) -> None:
         """Put the queue rule back if someone removed it (it lives outside gatewayd's table, so the nftables
         notifications about that table do not cover it)."""
         while True:
             await asyncio.sleep(interval)
-            if self.listen_port and await asyncio.to_thread(self.rule.ensure):
-                log.warning("the handshake queue rule was missing or changed: put back")
+            try:
+                if self.listen_port and await asyncio.to_thread(self.rule.ensure):
+                    log.warning("the handshake queue rule was missing or changed: put back")
+            except Exception as exc:  # the check runs again; enforcement of sessions already seen goes on
+                log.error("the handshake queue rule cannot be put back: %s", exc)
 
     def close(self) -> None:
         self.queue.close()

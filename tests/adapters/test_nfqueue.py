@@ -33,16 +33,18 @@ def rules(rate: int = 50, burst: int = 100) -> HandshakeRules:
 class Endpoint:
     """A client socket and the "WireGuard" socket it sends to, both on loopback in the namespace."""
 
-    def __init__(self) -> None:
-        self.server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.server.bind(("127.0.0.1", PORT))
+    def __init__(self, address: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.address = address
+        self.server = socket.socket(family, socket.SOCK_DGRAM)
+        self.server.bind((address, PORT))
         self.server.setblocking(False)
-        self.client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.client.bind(("127.0.0.1", 0))
+        self.client = socket.socket(family, socket.SOCK_DGRAM)
+        self.client.bind((address, 0))
 
     def send(self, payload: bytes, count: int = 1) -> None:
         for _ in range(count):
-            self.client.sendto(payload, ("127.0.0.1", PORT))
+            self.client.sendto(payload, (self.address, PORT))
 
     def received(self) -> list[bytes]:
         out = []
@@ -64,7 +66,8 @@ async def until(predicate: Callable[[], bool]) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_initiations_are_held_until_their_verdict_and_carry_the_recent_data_mark() -> None:
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1"])
+async def test_initiations_are_held_until_their_verdict_and_carry_the_recent_data_mark(address: str) -> None:
     assert pick_mode("auto") == ("nft" if native_queue_supported() else "xt")
     with namespace() as ns, inside(ns):
         enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
@@ -75,14 +78,14 @@ async def test_initiations_are_held_until_their_verdict_and_carry_the_recent_dat
         got: list[QueuedPacket] = []
         queue = HandshakeQueue(QUEUE, got.extend)
         queue.start()
-        ep = Endpoint()
+        ep = Endpoint(address)
         try:
             ep.send(INITIATION)
             await until(lambda: len(got) == 1)
             held = got[0]
             assert held.mark & QMARK and not held.mark & RMARK
             parsed = udp_datagram(held.payload)
-            assert parsed is not None and parsed[2] == INITIATION
+            assert parsed is not None and parsed[0] == address and parsed[2] == INITIATION
             await asyncio.sleep(0.1)
             assert ep.received() == []  # held in the kernel
             queue.accept(held.id)

@@ -13,9 +13,11 @@ import pytest
 from pyroute2.netlink.generic.wireguard import wgmsg
 
 from gatewayd.adapters.wireguard.kernel import decode_device
-from gatewayd.adapters.wireguard.uapi import UapiWireGuard, reset_request
+from gatewayd.adapters.wireguard.kernel import device_identity as kernel_identity
+from gatewayd.adapters.wireguard.uapi import UapiWireGuard, device_identity, reset_request
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.lab.netlab import UAPI_DIR, Lab, keypair, run
+from gatewayd.ports import InterfaceIdentity
+from gatewayd.lab.netlab import UAPI_DIR, WG_PORT, Lab, keypair, run
 
 Counters = dict[str, tuple[int, int]]
 
@@ -69,6 +71,15 @@ async def test_uapi_get_answer_decodes(tmp_path: Path) -> None:
     other = peers[base64.b64encode(bytes([0x33]) * 32).decode()]
     assert other.last_handshake is None and other.preshared_key is None and other.endpoint is None
     assert "22" * 32 not in repr(p)
+
+
+def test_the_interface_identity_comes_from_the_device_lines() -> None:
+    found = device_identity(f"\nprivate_key={'11' * 32}\nlisten_port=51820\nfwmark=0".encode())
+    assert found == InterfaceIdentity(private_key=b"\x11" * 32, listen_port=51820)
+    assert "11" * 32 not in repr(found) and "EREREREREREREREREREREREREREREREREREREREREQ" not in repr(found)
+    assert device_identity(f"\nprivate_key={'00' * 32}\nlisten_port=51820".encode()) is None  # no key set
+    assert device_identity(b"\nlisten_port=51820") is None
+    assert device_identity(b"\nprivate_key=zz\nlisten_port=1") is None
 
 
 def test_reset_request_restores_the_configuration() -> None:
@@ -134,6 +145,16 @@ def test_kernel_device_messages_decode() -> None:
     decoded = wgmsg(msg.data)
     decoded.decode()
     peers = decode_device([decoded])
+    assert kernel_identity([decoded]) is None  # no private key in this answer
+    private = base64.b64encode(b"\x09" * 32).decode()
+    device = wgmsg()
+    device["cmd"], device["version"] = 0, 1
+    device["attrs"] = [("WGDEVICE_A_IFNAME", "wg0"), ("WGDEVICE_A_PRIVATE_KEY", {"value": private}),
+                       ("WGDEVICE_A_LISTEN_PORT", 51820)]
+    device.encode()
+    decoded_device = wgmsg(device.data)
+    decoded_device.decode()
+    assert kernel_identity([decoded_device]) == InterfaceIdentity(private_key=b"\x09" * 32, listen_port=51820)
     p = peers[key]
     assert p.endpoint == "198.18.1.2:4000" and p.allowed_ips == ("10.0.0.2/32",)
     assert p.last_handshake == 1700000000.25 and p.keepalive == 25 and (p.rx_bytes, p.tx_bytes) == (20, 10)
@@ -152,6 +173,8 @@ async def test_uapi_reads_and_resets_a_real_wireguard_go() -> None:
         run("wg", "set", peer.iface, "peer", lab.gw_public, "preshared-key", "/dev/stdin", ns=peer.ns, input_=psk)
         source = UapiWireGuard(UAPI_DIR / f"{lab.gw_iface}.sock")
         snap = (await source.read())[peer.public_key]
+        assert await source.identity() == InterfaceIdentity(private_key=base64.b64decode(lab.gw_private),
+                                                            listen_port=WG_PORT)
         assert snap.allowed_ips == (f"{peer.tunnel_ip}/32", f"{peer.tunnel_ip6}/128")
         assert snap.endpoint and snap.endpoint.startswith(peer.underlay) and snap.keepalive == 25
         assert snap.last_handshake == pytest.approx(first, abs=1.0)

@@ -6,6 +6,7 @@ the process at once."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from gatewayd.adapters.nfqueue import HandshakeQueue, native_queue_supported
 from gatewayd.adapters.sqlite.database import MIGRATIONS
-from tests.netns import namespace, nft
+from tests.netns import inside, namespace, nft
 
 pytestmark = pytest.mark.kernel
 
@@ -162,3 +164,25 @@ def test_sigterm_during_start_up_ends_the_process(ns: str, tmp_path: Path) -> No
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=15)
     assert proc.returncode in (0, -signal.SIGTERM), err
+
+
+def test_a_native_queue_that_the_kernel_lacks_is_refused_with_one_line(ns: str, tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    cfg.write_text(cfg.read_text() + '[handshake]\nqueue = "nft"\n')
+    code, err, _ = run(ns, cfg)
+    if native_queue_supported():
+        pytest.skip("this kernel has the native queue expression")
+    assert code == 1 and err.strip().count("\n") == 0 and "CONFIG_NFT_QUEUE" in err, err
+
+
+async def test_a_queue_number_another_process_holds_is_refused_with_one_line(ns: str, tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    with inside(ns):
+        holder = HandshakeQueue(5182, lambda packets: None)
+        holder.start()
+    try:
+        code, err, _ = await asyncio.to_thread(run, ns, cfg)
+    finally:
+        holder.close()
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("gatewayd: queue 5182 is already bound by another process"), err
