@@ -16,8 +16,8 @@ from gatewayd.adapters.wireguard.kernel import decode_device
 from gatewayd.adapters.wireguard.kernel import device_identity as kernel_identity
 from gatewayd.adapters.wireguard.uapi import UapiWireGuard, device_identity, reset_request
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.ports import InterfaceIdentity
 from gatewayd.lab.netlab import UAPI_DIR, WG_PORT, Lab, keypair, run
+from gatewayd.ports import InterfaceIdentity
 
 Counters = dict[str, tuple[int, int]]
 
