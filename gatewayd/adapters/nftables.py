@@ -211,17 +211,16 @@ class NftEnforcer:
         return rules
 
     async def set_handshake(self, rules: HandshakeRules | None) -> None:
-        if rules == self._handshake:
-            return
-        old, self._handshake = self._handshake, rules
-        if self._list() is None:
-            return  # the next reconcile builds the table with it
+        previous, self._handshake = self._handshake, rules
+        current = self._current()
+        if current is None or current[0] == self._structure():
+            return  # no table yet (the next reconcile builds it with the chain), or already as wanted
+        present = {(kind, item[kind]["name"]) for item in current[0] for kind in ("set", "chain") if kind in item}
         commands: list[dict[str, Any]] = []
-        chain = {"chain": {"family": FAMILY, "table": self.table, "name": "handshake"}}
-        if old is not None:
-            commands.append({"delete": chain})
-            commands += [{"delete": {"set": {"family": FAMILY, "table": self.table, "name": f"handshake_{n}{v}"}}}
-                         for n in ("recent", "flood") for v in (4, 6)]
+        if ("chain", "handshake") in present:
+            commands.append({"delete": {"chain": {"family": FAMILY, "table": self.table, "name": "handshake"}}})
+        commands += [{"delete": {"set": {"family": FAMILY, "table": self.table, "name": name}}}
+                     for kind, name in sorted(present) if kind == "set" and name.startswith("handshake_")]
         if rules is not None:
             commands += [{"add": item} for item in self._sets() if item["set"]["name"].startswith("handshake_")]
             commands += [{"add": item} for item in self._chains() if item["chain"]["name"] == "handshake"]
@@ -229,7 +228,7 @@ class NftEnforcer:
         try:
             self._run(commands)
         except NftError:
-            self._handshake = old
+            self._handshake = previous
             raise
 
     def _structure(self) -> list[dict[str, Any]]:

@@ -160,6 +160,7 @@ def run_demo(lab: Lab) -> None:
         if line.startswith("{"):
             status = json.loads(line)
             detail(f"alice's app was told: {status.get('state', status.get('error'))}")
+    held = restart_held_from_first_packet(lab, ctl, alice, code)
     gatewayctl(lab, "sessions")
     gatewayctl(lab, "status")
     time.sleep(0.3)
@@ -168,6 +169,54 @@ def run_demo(lab: Lab) -> None:
     say(f"gatewayd stopped (exit {code_}); its nftables table stays in place (fail closed)")
     if after:
         raise SystemExit(f"FAILED: {after} datagrams passed after the Disconnect")
+    if held:
+        raise SystemExit(f"FAILED: {held} datagrams of alice's restarted client passed before her proof")
+
+
+def session_reason(lab: Lab, peer: LabPeer) -> str:
+    """Why gatewayd's latest session.started for the peer was a new session (from its log)."""
+    reason = "?"
+    for line in (lab.workdir / "gatewayd.log").read_text(errors="replace").splitlines():
+        msg = json.loads(line).get("msg", "") if line.startswith("{") else ""
+        if msg.startswith(f"event session.started peer/{peer.public_key} "):
+            reason = json.loads(msg.split(" ", 3)[3]).get("reason", "?")
+    return reason
+
+
+def restart_held_from_first_packet(lab: Lab, ctl: Any, alice: LabPeer, used_code: str) -> int:
+    """Part two: TOTP Prior Connection, and alice's client restarts. Returns how many of the restarted
+    client's datagrams reached the server before her proof (must be 0)."""
+    t = time.monotonic()
+    ctl.ApplyTeamPolicy(control_pb2.ApplyTeamPolicyRequest(policy=control_pb2.TeamPolicy(
+        team_id="acme", version=2, scope=types_pb2.MFA_SCOPE_BOTH, roles=types_pb2.MFA_ROLES_ALL,
+        totp_prior_connection=True)))
+    say("control plane: team 'acme' policy v2, TOTP Prior Connection (alice proved in this session and keeps it; "
+        "bob owes his proof now)", took=time.monotonic() - t)
+    sink = lab.spawn(lab.srv_ns, sys.executable, "-m", "gatewayd.lab.agent", "sink", "--out",
+                     str(lab.workdir / "sink2.json"), log="sink2.log")
+    time.sleep(0.5)
+    lab.restart_client(alice)
+    t = time.monotonic()
+    flood = agent(lab, alice.ns, "flood", "--to", f"{SERVER_IP}:5000", "--tag", "restarted", "--rate", "500",
+                  "--duration", "2")
+    say(f"alice's client restarts (same key and port, no session keys) and sends {flood['sent']} datagrams "
+        f"from its first packet; gatewayd opened her handshake initiation, decided a new session "
+        f"({session_reason(lab, alice)}) and quarantined her before the initiation went on",
+        took=time.monotonic() - t)
+    say(f"alice: server {reach(lab, alice)}; challenge {reach(lab, alice, CHALLENGE)}")
+    totp = pyotp.TOTP(base64.b32encode(ALICE_SECRET).decode())
+    if totp.now() == used_code:
+        detail("waiting for alice's next TOTP code (a code counts once)")
+    while (code := totp.now()) == used_code:
+        time.sleep(0.5)
+    proof = agent(lab, alice.ns, "totp", "--gateway", CHALLENGE, "--code", code)
+    say(f"alice proves again: accepted={proof.get('accepted', False)}; server {reach(lab, alice)}",
+        took=proof.get("rpc_seconds"))
+    Lab.stop(sink)
+    datagrams = json.loads((lab.workdir / "sink2.json").read_text())["datagrams"]
+    held = sum(1 for d in datagrams if d["tag"] == "restarted")
+    say(f"server saw {held} of the restarted client's datagrams before her proof (must be 0)")
+    return held
 
 
 def main() -> int:

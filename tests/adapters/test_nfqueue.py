@@ -160,3 +160,25 @@ async def test_a_flood_from_one_source_is_cut_to_the_rate_before_the_queue() -> 
         finally:
             queue.close()
             ep.close()
+
+
+async def test_a_restarted_daemon_keeps_the_chain_its_predecessor_left_and_follows_a_new_port() -> None:
+    with namespace() as ns, inside(ns):
+        first = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+        await first.reconcile({"10.0.0.2/32"}, {"10.0.0.2/32"})
+        await first.set_handshake(rules())
+        again = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)  # after a restart
+        await again.set_handshake(rules())
+        assert await again.reconcile({"10.0.0.2/32"}, {"10.0.0.2/32"}) == []  # nothing rebuilt
+        moved = HandshakeRules(listen_port=PORT + 1, queue_mark=QMARK, recent_mark=RMARK, rate=50, burst=100,
+                               recent_seconds=15)
+        await again.set_handshake(moved)
+        assert await again.verify({"10.0.0.2/32"}, {"10.0.0.2/32"}) == []
+        listing = await asyncio.to_thread(lambda: subprocess.run(
+            ["nft", "list", "chain", "inet", "gatewayd", "handshake"], capture_output=True, text=True).stdout)
+        assert f"udp dport {PORT + 1}" in listing and f"udp dport {PORT} " not in listing
+        off = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+        await off.set_handshake(None)
+        assert await off.verify({"10.0.0.2/32"}, {"10.0.0.2/32"}) == []
+        assert await asyncio.to_thread(lambda: subprocess.run(
+            ["nft", "list", "chain", "inet", "gatewayd", "handshake"], capture_output=True).returncode) != 0
