@@ -77,6 +77,7 @@ class Responder:
         self._hash = blake2s(blake2s(chaining, IDENTIFIER), self.public_key)
         self._mac1_key = blake2s(LABEL_MAC1, self.public_key)
         self._static_static: dict[bytes, bytes] = {}
+        self._peer_mac1_keys: dict[bytes, bytes] = {}
 
     def __repr__(self) -> str:
         return f"Responder(public_key={self.public_key.hex()})"
@@ -116,18 +117,42 @@ class Responder:
         (sender,) = struct.unpack_from("<I", message, 4)
         return Initiation(initiator=initiator, sender_index=sender, timestamp=timestamp)
 
+    def sent_to(self, message: bytes, peer: bytes) -> bool:
+        """Whether `message` is an initiation this interface sent to `peer` (its mac1 is keyed with the peer's
+        public key: the responder's)."""
+        if len(message) != INITIATION_SIZE or message[:4] != b"\x01\x00\x00\x00":
+            return False
+        key = self._peer_mac1_keys.get(peer)
+        if key is None:
+            key = self._peer_mac1_keys[peer] = blake2s(LABEL_MAC1, peer)
+        expected = hashlib.blake2s(message[:MAC1_AT], key=key, digest_size=16).digest()
+        return hmac.compare_digest(expected, message[MAC1_AT:MAC1_AT + 16])
+
     def forget(self, initiator: bytes) -> None:
-        """Drop a cached static-static secret (the peer left the interface)."""
+        """Drop what is cached about a peer (it left the interface)."""
         self._static_static.pop(initiator, None)
+        self._peer_mac1_keys.pop(initiator, None)
 
 
 # ---- the packet around it ------------------------------------------------------------------------
 
 
-def udp_datagram(packet: bytes) -> tuple[str, int, bytes] | None:
-    """(source address, source port, UDP payload as long as the UDP header says) of an IPv4/IPv6 packet, or None.
-    IPv6 extension headers are not walked: a packet with any is not an initiation gatewayd opens (WireGuard's
-    own implementations never send one; it still reaches WireGuard, which decides)."""
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """A UDP datagram cut from an IP packet."""
+
+    source: str
+    sport: int
+    destination: str
+    dport: int
+    payload: bytes
+    """As long as the UDP header says."""
+
+
+def udp_packet(packet: bytes) -> Datagram | None:
+    """The UDP datagram in an IPv4/IPv6 packet, or None. IPv6 extension headers are not walked: a packet with any
+    is not an initiation gatewayd opens (WireGuard's own implementations never send one; it still reaches
+    WireGuard, which decides)."""
     if not packet:
         return None
     version = packet[0] >> 4
@@ -135,18 +160,26 @@ def udp_datagram(packet: bytes) -> tuple[str, int, bytes] | None:
         header = (packet[0] & 0x0F) * 4
         if packet[9] != socket.IPPROTO_UDP or len(packet) < header + 8:
             return None
-        source = socket.inet_ntop(socket.AF_INET, packet[12:16])
+        family, source, destination = socket.AF_INET, packet[12:16], packet[16:20]
     elif version == 6 and len(packet) >= 48:
         header = 40
         if packet[6] != socket.IPPROTO_UDP:
             return None
-        source = socket.inet_ntop(socket.AF_INET6, packet[8:24])
+        family, source, destination = socket.AF_INET6, packet[8:24], packet[24:40]
     else:
         return None
-    sport, _dport, length = struct.unpack_from("!HHH", packet, header)
+    sport, dport, length = struct.unpack_from("!HHH", packet, header)
     if length < 8 or header + length > len(packet):
         return None
-    return source, sport, packet[header + 8: header + length]
+    return Datagram(source=socket.inet_ntop(family, source), sport=sport,
+                    destination=socket.inet_ntop(family, destination), dport=dport,
+                    payload=packet[header + 8: header + length])
+
+
+def udp_datagram(packet: bytes) -> tuple[str, int, bytes] | None:
+    """(source address, source port, UDP payload) of an IPv4/IPv6 packet, or None (see udp_packet)."""
+    d = udp_packet(packet)
+    return None if d is None else (d.source, d.sport, d.payload)
 
 
 def endpoint_text(address: str, port: int) -> str:

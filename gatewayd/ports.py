@@ -111,6 +111,8 @@ class QueuedPacket:
     """The packet's mark (gatewayd's chain sets bits on it)."""
     payload: bytes
     """The IP packet, from its IP header."""
+    outgoing: bool = False
+    """Sent by the gateway itself (netfilter's local-out hook), not received."""
 
 
 class PacketQueue(Protocol):

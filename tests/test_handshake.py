@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from gatewayd.handshake import LABEL_MAC1, Responder, endpoint_text, udp_datagram
+from gatewayd.lab.noise import Handshake
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "wg_initiations.json").read_text())
 KEY = base64.b64decode(FIXTURE["responder_private_key"])
@@ -71,6 +72,17 @@ def test_low_order_ephemeral_points_are_refused_without_error() -> None:
             "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")):
         forged = RECORDED[0][:8] + point + RECORDED[0][40:]
         assert responder.open(with_mac1(forged, responder.public_key)) is None
+
+
+def test_the_gateways_own_initiations_are_attributed_to_the_peer_they_are_for() -> None:
+    responder = Responder(KEY)
+    peer, other = (X25519PrivateKey.generate() for _ in range(2))
+    peer_public = peer.public_key().public_bytes_raw()
+    sent = Handshake(KEY, peer_public).message  # the gateway (KEY) initiating towards the peer
+    assert responder.sent_to(sent, peer_public)
+    assert not responder.sent_to(sent, other.public_key().public_bytes_raw())
+    assert not responder.sent_to(sent[:147], peer_public)
+    assert responder.open(sent) is None  # not addressed to this interface
 
 
 def test_the_private_key_is_not_in_the_repr() -> None:

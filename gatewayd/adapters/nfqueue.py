@@ -1,10 +1,13 @@
 """WireGuard handshake initiations brought to the daemon through nfnetlink_queue, over a raw netlink socket.
 
-The packets come from the `handshake` chain of gatewayd's nftables table (see adapters/nftables.py), which marks
-each initiation to the interface's listen port after rate-limiting it per source. Two ways into the queue:
-- `nft`: the chain itself ends in `queue num N` (kernels with CONFIG_NFT_QUEUE, most distributions);
-- `xt`: the kernel lacks the native expression, so one iptables-nft rule per family in the mangle table's INPUT
-  chain (priority -150, after gatewayd's chain at -200) sends the marked packets to the xt NFQUEUE target.
+The packets come from the `handshake` chains of gatewayd's nftables table (see adapters/nftables.py), which mark
+each initiation to the interface's listen port (after rate-limiting it per source) and each initiation the
+gateway's WireGuard sends from that port. A queue rule outside the table sends marked packets to the queue, in
+the input and output hooks at priority -150 (after gatewayd's chains at -200), one of two ways:
+- `nft`: nftables' own `queue num N`, in a table `<table>_queue` (kernels with CONFIG_NFT_QUEUE, most
+  distributions);
+- `xt`: the kernel lacks the native expression, so iptables-nft rules (IPv4 and IPv6, mangle INPUT and OUTPUT)
+  with the xt NFQUEUE target.
 `pick_mode` tries the native expression in a check-only transaction and falls back.
 
 Without `bypass`, the kernel drops what it would queue while nobody listens: initiations are not let through
@@ -40,11 +43,13 @@ NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
 NFQNL_COPY_PACKET = 2
 NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK, NFQA_PAYLOAD = 1, 2, 3, 10
 NF_DROP, NF_ACCEPT = 0, 1
+NF_INET_LOCAL_OUT = 3
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR = 2
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 COPY_RANGE = 512  # an initiation's IP packet is 176 (IPv4) or 196 (IPv6) bytes; options and headers fit
 RULE_COMMENT = "gatewayd handshake queue"
+CHAINS = ("INPUT", "OUTPUT")
 
 
 class QueueError(StartupError):
@@ -122,16 +127,18 @@ class HandshakeQueue:
                 if kind != (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
                     continue
                 packet_id = mark = None
+                hook = 0
                 body = b""
                 for attr, value in attrs(payload[4:]):
                     if attr == NFQA_PACKET_HDR:
-                        (packet_id,) = struct.unpack_from("!I", value)
+                        packet_id, _proto, hook = struct.unpack_from("!IHB", value)
                     elif attr == NFQA_MARK:
                         (mark,) = struct.unpack_from("!I", value)
                     elif attr == NFQA_PAYLOAD:
                         body = value
                 if packet_id is not None:
-                    packets.append(QueuedPacket(id=packet_id, mark=mark or 0, payload=body))
+                    packets.append(QueuedPacket(id=packet_id, mark=mark or 0, payload=body,
+                                                outgoing=hook == NF_INET_LOCAL_OUT))
             if packets:
                 self.on_packets(packets)
 
@@ -204,36 +211,36 @@ class XtQueueRule:
                               timeout=30)
 
     def present(self) -> bool:
-        return all(self._run(tool, "-C", "INPUT", *self.spec()).returncode == 0 for tool in self.TOOLS)
+        return all(self._run(tool, "-C", chain, *self.spec()).returncode == 0
+                   for tool in self.TOOLS for chain in CHAINS)
 
     def ensure(self) -> bool:
         """Install the rules unless they are there as wanted; remove gatewayd rules that differ. True if
         anything changed."""
         changed = False
         for tool in self.TOOLS:
-            if self._run(tool, "-C", "INPUT", *self.spec()).returncode == 0:
-                continue
-            self._remove_ours(tool)
-            done = self._run(tool, "-I", "INPUT", "1", *self.spec())
-            if done.returncode != 0:
-                raise QueueError(f"{tool}: {done.stderr.strip() or 'failed'}")
-            changed = True
+            for chain in CHAINS:
+                if self._run(tool, "-C", chain, *self.spec()).returncode == 0:
+                    continue
+                self._remove_ours_with(tool, chain)
+                done = self._run(tool, "-I", chain, "1", *self.spec())
+                if done.returncode != 0:
+                    raise QueueError(f"{tool}: {done.stderr.strip() or 'failed'}")
+                changed = True
         return changed
 
-    def _remove_ours(self, tool: str) -> None:
-        self._remove_ours_with(tool)
-
     @classmethod
-    def _remove_ours_with(cls, tool: str) -> None:
-        listing = cls._run(tool, "-S", "INPUT")
+    def _remove_ours_with(cls, tool: str, chain: str) -> None:
+        listing = cls._run(tool, "-S", chain)
         for line in listing.stdout.splitlines():
-            if RULE_COMMENT in line and line.startswith("-A INPUT "):
-                args = _split_rule(line[len("-A INPUT "):])
-                cls._run(tool, "-D", "INPUT", *args)
+            if RULE_COMMENT in line and line.startswith(f"-A {chain} "):
+                args = _split_rule(line[len(f"-A {chain} "):])
+                cls._run(tool, "-D", chain, *args)
 
     def remove(self) -> None:
         for tool in self.TOOLS:
-            self._remove_ours(tool)
+            for chain in CHAINS:
+                self._remove_ours_with(tool, chain)
 
 
 class NftQueueRule:
@@ -245,11 +252,13 @@ class NftQueueRule:
         self.table, self.number, self.mark, self.bypass = f"{table}_queue", number, mark, bypass
 
     def _text(self) -> str:
-        return (f"add table inet {self.table}\n"
-                f"add chain inet {self.table} input {{ type filter hook input priority -150; }}\n"
-                f"flush chain inet {self.table} input\n"
-                f"add rule inet {self.table} input meta mark & {self.mark:#x} == {self.mark:#x} "
-                f"queue num {self.number}{' bypass' if self.bypass else ''}\n")
+        text = f"add table inet {self.table}\n"
+        for hook in ("input", "output"):
+            text += (f"add chain inet {self.table} {hook} {{ type filter hook {hook} priority -150; }}\n"
+                     f"flush chain inet {self.table} {hook}\n"
+                     f"add rule inet {self.table} {hook} meta mark & {self.mark:#x} == {self.mark:#x} "
+                     f"queue num {self.number}{' bypass' if self.bypass else ''}\n")
+        return text
 
     def _run(self, text: str) -> tuple[int, str]:
         nft = nftables.Nftables()
@@ -257,8 +266,11 @@ class NftQueueRule:
         return rc, out if rc == 0 else err
 
     def present(self) -> bool:
-        rc, out = self._run(f"list chain inet {self.table} input")
-        return rc == 0 and f"queue num {self.number}" in out and (" bypass" in out) == self.bypass
+        for hook in ("input", "output"):
+            rc, out = self._run(f"list chain inet {self.table} {hook}")
+            if rc != 0 or f"queue num {self.number}" not in out or (" bypass" in out) != self.bypass:
+                return False
+        return True
 
     def ensure(self) -> bool:
         if self.present():
@@ -289,7 +301,8 @@ class StaleQueueRules:
         NftQueueRule(table=self.table, number=0, mark=0, bypass=False).remove()
         if all(shutil.which(t) for t in XtQueueRule.TOOLS):
             for tool in XtQueueRule.TOOLS:
-                XtQueueRule._remove_ours_with(tool)
+                for chain in CHAINS:
+                    XtQueueRule._remove_ours_with(tool, chain)
 
 
 def _split_rule(text: str) -> list[str]:

@@ -13,7 +13,8 @@ table inet <name>:
     endpoints sent WireGuard data packets (sets handshake_recent4/6), rate-limits initiations per source
     address (sets handshake_flood4/6; the excess is dropped), and marks each initiation that goes on - with the
     "recent" bit if its endpoint sent data lately - for the queue rule (adapters/nfqueue.py), which lives
-    outside this table.
+    outside this table; chain handshake_out (output, -200) marks the initiations the gateway's WireGuard
+    sends itself.
 Blocked traffic is rejected with ICMP administratively prohibited so client apps notice at once. Rules match
 addresses statelessly, so an established flow stalls the moment its source enters the set. Every change is
 one transaction.
@@ -121,8 +122,9 @@ class NftEnforcer:
             {"chain": {"family": FAMILY, "table": self.table, "name": name, "type": "filter", "hook": hook,
                        "prio": -10, "policy": "accept"}}
             for name, hook in (("forward_quarantine", "forward"), ("input_quarantine", "input"))
-        ] + ([{"chain": {"family": FAMILY, "table": self.table, "name": "handshake", "type": "filter",
-                         "hook": "input", "prio": -200, "policy": "accept"}}] if self._handshake else [])
+        ] + ([{"chain": {"family": FAMILY, "table": self.table, "name": name, "type": "filter",
+                         "hook": hook, "prio": -200, "policy": "accept"}}
+              for name, hook in (("handshake", "input"), ("handshake_out", "output"))] if self._handshake else [])
 
     def _rules(self) -> list[dict[str, Any]]:
         def addr(proto: str, field: str, right: Any, op: str = "==") -> dict[str, Any]:
@@ -195,8 +197,11 @@ class NftEnforcer:
             endpoint = {"concat": [source, {"payload": udp}]}
             rules.append(rule(port, data, {"set": {"op": "update", "elem": endpoint,
                                                    "set": f"@handshake_recent{version}"}}))
-        # Nothing outside this chain may pre-set gatewayd's bits (the "recent" bit lets a rekey through).
-        rules.append(rule(port, initiation, mark("&", 0xFFFFFFFF & ~(h.queue_mark | h.recent_mark))))
+        # Nothing before this chain may leave gatewayd's bits set (the "recent" bit lets a rekey through; the
+        # queue bit sends a packet to the queue): not another chain, nor the gateway's own output looped back.
+        bits = h.queue_mark | h.recent_mark
+        rules.insert(0, rule({"match": {"op": "!=", "left": {"&": [{"meta": {"key": "mark"}}, bits]}, "right": 0}},
+                             mark("&", 0xFFFFFFFF & ~bits)))
         for proto, version in (("ip", 4), ("ip6", 6)):
             source = {"payload": {"protocol": proto, "field": "saddr"}}
             limit = {"limit": {"rate": h.rate, "burst": h.burst, "per": "second", "inv": True}}
@@ -208,6 +213,20 @@ class NftEnforcer:
             rules.append(rule(port, initiation, match(endpoint, f"@handshake_recent{version}"),
                               mark("|", h.recent_mark)))
         rules.append(rule(port, initiation, mark("|", h.queue_mark)))
+        # The gateway's own initiations (WireGuard re-initiating a session): the same marks, towards the peer.
+        sport = match({"payload": {"protocol": "udp", "field": "sport"}}, h.listen_port)
+        kind = match({"payload": {"base": "th", "offset": 64, "len": 32}}, 0x01000000)
+
+        def out(*expr: dict[str, Any]) -> dict[str, Any]:
+            return {"rule": {"family": FAMILY, "table": self.table, "chain": "handshake_out", "expr": list(expr)}}
+
+        rules.append(out(sport, initiation, kind, mark("&", 0xFFFFFFFF & ~(h.queue_mark | h.recent_mark))))
+        for proto, version in (("ip", 4), ("ip6", 6)):
+            endpoint = {"concat": [{"payload": {"protocol": proto, "field": "daddr"}},
+                                   {"payload": {"protocol": "udp", "field": "dport"}}]}
+            rules.append(out(sport, initiation, kind, match(endpoint, f"@handshake_recent{version}"),
+                             mark("|", h.recent_mark)))
+        rules.append(out(sport, initiation, kind, mark("|", h.queue_mark)))
         return rules
 
     async def set_handshake(self, rules: HandshakeRules | None) -> None:
@@ -217,13 +236,14 @@ class NftEnforcer:
             return  # no table yet (the next reconcile builds it with the chain), or already as wanted
         present = {(kind, item[kind]["name"]) for item in current[0] for kind in ("set", "chain") if kind in item}
         commands: list[dict[str, Any]] = []
-        if ("chain", "handshake") in present:
-            commands.append({"delete": {"chain": {"family": FAMILY, "table": self.table, "name": "handshake"}}})
+        for chain in ("handshake", "handshake_out"):
+            if ("chain", chain) in present:
+                commands.append({"delete": {"chain": {"family": FAMILY, "table": self.table, "name": chain}}})
         commands += [{"delete": {"set": {"family": FAMILY, "table": self.table, "name": name}}}
                      for kind, name in sorted(present) if kind == "set" and name.startswith("handshake_")]
         if rules is not None:
             commands += [{"add": item} for item in self._sets() if item["set"]["name"].startswith("handshake_")]
-            commands += [{"add": item} for item in self._chains() if item["chain"]["name"] == "handshake"]
+            commands += [{"add": item} for item in self._chains() if item["chain"]["name"].startswith("handshake")]
             commands += [{"add": item} for item in self._handshake_rules()]
         try:
             self._run(commands)

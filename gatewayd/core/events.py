@@ -59,6 +59,9 @@ class HandshakeInitiated(Event):
     recent_data: bool
     """The same endpoint sent WireGuard data packets in the last few seconds (nftables saw them): a running
     client rekeys because it sends; a restarted one has no keys to send with."""
+    by_gateway: bool = False
+    """The gateway's own WireGuard initiated (towards `endpoint`); then there is no stamp (it is sealed with
+    keys only WireGuard holds) and nobody outside can replay it."""
 
 
 @dataclass(frozen=True, kw_only=True)

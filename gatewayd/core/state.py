@@ -108,6 +108,10 @@ class SessionStart(enum.Enum):
     IDLE = "idle"
     """Late enough for a rekey, but the endpoint sent no data lately: a running client rekeys because it sends,
     so this client has no keys to send with (it restarted)."""
+    UNANSWERED = "unanswered"
+    """The gateway's WireGuard initiates within a live session, earlier than its own rekey or without data from
+    the client lately: the client stopped answering (restarted, or its path broke) and whoever answers now
+    starts a new session."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -405,14 +409,18 @@ class GatewayState:
 
     def _on_initiation(self, e: ev.HandshakeInitiated, now: float, out: list[Command]) -> SessionStart | None:
         peer = self.peers.get(e.public_key)
-        if peer is None or not peer.present or e.stamp <= peer.initiation_stamp:
-            # Not a peer of the interface (WireGuard drops it), or a replay (WireGuard drops it too).
-            return None
-        peer.initiation_stamp = e.stamp
+        if peer is None or not peer.present:
+            return None  # not a peer of the interface: WireGuard drops it
+        if not e.by_gateway:
+            if e.stamp <= peer.initiation_stamp:
+                return None  # a replay: WireGuard drops it too
+            peer.initiation_stamp = e.stamp
         previous, peer.last_initiation = peer.last_initiation, e.at
         retry = previous is not None and 0 <= e.at - previous < RETRY_WINDOW
         start = self._session_start(peer, e, retry)
-        old_endpoint, peer.endpoint = peer.endpoint, e.endpoint
+        old_endpoint = peer.endpoint
+        if not e.by_gateway:
+            peer.endpoint = e.endpoint
         if start is None:
             if not (retry and peer.rekeying):
                 peer.keys_at = e.at
@@ -423,7 +431,7 @@ class GatewayState:
         if retry and peer.enforced:
             return start  # a retry of an initiation that already started this session
         self._start_session(peer, e.at, now, out, reason=start.value, endpoint=e.endpoint,
-                            previous_endpoint=old_endpoint)
+                            previous_endpoint=old_endpoint, initiated_by="gateway" if e.by_gateway else "client")
         out.append(self._save(peer))
         self._arm(peer)
         return start
@@ -433,14 +441,15 @@ class GatewayState:
         keys = peer.session_clock
         if not peer.session_live or keys is None or e.at - keys >= REJECT_AFTER_TIME:
             return SessionStart.NO_SESSION
-        if self.config.new_endpoint_is_new_session and peer.endpoint is not None and e.endpoint != peer.endpoint:
+        if (not e.by_gateway and self.config.new_endpoint_is_new_session and peer.endpoint is not None
+                and e.endpoint != peer.endpoint):
             return SessionStart.NEW_ENDPOINT
         if retry and peer.rekeying and e.recent_data:
-            return None  # the client retries its rekey (the answer was lost) and still sends on its keys
+            return None  # a retried rekey (the answer was lost) while the client still sends on its keys
         if e.at - keys < EARLIEST_REKEY:
-            return SessionStart.EARLY
+            return SessionStart.UNANSWERED if e.by_gateway else SessionStart.EARLY
         if not e.recent_data:
-            return SessionStart.IDLE
+            return SessionStart.UNANSWERED if e.by_gateway else SessionStart.IDLE
         return None
 
     def _on_endpoint(self, e: ev.EndpointChanged, out: list[Command]) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from gatewayd.core.events import HandshakeInitiated
 from gatewayd.core.state import SessionStart
-from gatewayd.handshake import INITIATION_SIZE, Responder, endpoint_text, udp_datagram
+from gatewayd.handshake import INITIATION_SIZE, Responder, endpoint_text, udp_packet
 from gatewayd.ports import HandshakeRules, InterfaceIdentity, PacketQueue, QueuedPacket, QueueRule
 from gatewayd.runtime.driver import Batch, Driver
 from gatewayd.runtime.observability import Metrics
@@ -135,10 +135,18 @@ class HandshakeWatch:
     def _initiation(self, packet: QueuedPacket, now: float, peers: dict[str, Any]) -> HandshakeInitiated | None:
         if self.responder is None:
             return None
-        datagram = udp_datagram(packet.payload)
-        if datagram is None or len(datagram[2]) != INITIATION_SIZE:
+        datagram = udp_packet(packet.payload)
+        if datagram is None or len(datagram.payload) != INITIATION_SIZE:
             return None
-        opened = self.responder.open(datagram[2])
+        recent = bool(packet.mark & self.settings.recent_mark)
+        if packet.outgoing:
+            endpoint = endpoint_text(datagram.destination, datagram.dport)
+            key = self._addressee(datagram.payload, endpoint, peers)
+            if key is None:
+                return None
+            return HandshakeInitiated(public_key=key, endpoint=endpoint, at=now, stamp=b"", recent_data=recent,
+                                      by_gateway=True)
+        opened = self.responder.open(datagram.payload)
         if opened is None:
             return None
         key = base64.b64encode(opened.initiator).decode()
@@ -147,8 +155,19 @@ class HandshakeWatch:
                 self._last_wake = now
                 self.wake_reader()
             return None
-        return HandshakeInitiated(public_key=key, endpoint=endpoint_text(datagram[0], datagram[1]), at=now,
-                                  stamp=opened.timestamp, recent_data=bool(packet.mark & self.settings.recent_mark))
+        return HandshakeInitiated(public_key=key, endpoint=endpoint_text(datagram.source, datagram.sport), at=now,
+                                  stamp=opened.timestamp, recent_data=recent)
+
+    def _addressee(self, message: bytes, endpoint: str, peers: dict[str, Any]) -> str | None:
+        """The peer the gateway's own initiation is for: its mac1 is keyed with that peer's public key. The peer
+        at the destination endpoint is tried first; the others only if that fails (the gateway initiates
+        rarely: on a retry or to restart a session)."""
+        assert self.responder is not None
+        at_endpoint = [k for k, p in peers.items() if p.endpoint == endpoint]
+        for key in at_endpoint + [k for k in peers if k not in at_endpoint]:
+            if self.responder.sent_to(message, base64.b64decode(key)):
+                return key
+        return None
 
     async def _decide(self, held: list[tuple[int, HandshakeInitiated]], arrived: float) -> None:
         try:

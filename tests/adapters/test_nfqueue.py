@@ -100,6 +100,16 @@ async def test_initiations_are_held_until_their_verdict_and_carry_the_recent_dat
             queue.drop(got[1].id)
             await asyncio.sleep(0.1)
             assert ep.received() == []
+            # The gateway's own initiations (from the WireGuard port) are queued too, marked as outgoing.
+            with socket.socket(ep.server.family, socket.SOCK_DGRAM) as other:
+                other.bind((address, 0))
+                other.settimeout(2)
+                ep.server.sendto(INITIATION, other.getsockname()[:2])
+                await until(lambda: len(got) == 3)
+                assert got[2].outgoing and got[2].mark & QMARK and not got[0].outgoing
+                queue.accept(got[2].id)
+                await asyncio.sleep(0.05)
+                assert other.recv(2048) == INITIATION
             # One queue number, one listener.
             with pytest.raises(QueueError, match="already bound"):
                 HandshakeQueue(QUEUE, got.extend).start()

@@ -163,3 +163,30 @@ def test_an_initiation_for_a_peer_not_on_the_interface_is_ignored() -> None:
     play(ev.MemberUpserted(member=member()))
     why, out = play.initiate(initiation(play.now + 1))
     assert why is None and out == []
+
+
+def by_gateway(at: float, *, recent: bool) -> ev.HandshakeInitiated:
+    return ev.HandshakeInitiated(public_key=K1, endpoint=HOME, at=at, recent_data=recent, stamp=b"", by_gateway=True)
+
+
+def test_the_gateway_reinitiating_a_live_session_its_client_stopped_answering_is_a_new_session() -> None:
+    """WireGuard on the gateway initiates when it sent data and heard nothing for 15 s: the client restarted (a
+    silent one answers this initiation with fresh keys) or its path broke. Either way whoever answers owes."""
+    play, start = proven_session()
+    why, out = play.initiate(by_gateway(start + 20, recent=False))
+    assert why is SessionStart.UNANSWERED and quarantined(out) == {IP1}
+    event = next(c for c in out if isinstance(c, Publish) and c.type == "session.started")
+    assert event.data["initiated_by"] == "gateway"
+    assert play.gw.peers[K1].endpoint == HOME
+    # Its retries every 5 s do not demand again.
+    since = play.gw.peers[K1].owes_since
+    assert play.initiate(by_gateway(start + 25, recent=False)) == (SessionStart.UNANSWERED, [])
+    assert play.gw.peers[K1].owes_since == since
+
+
+def test_the_gateway_rekeying_a_session_it_initiated_with_a_responsive_client_keeps_it() -> None:
+    play, start = proven_session()
+    assert play.initiate(by_gateway(start + REKEY_AFTER_TIME + 0.2, recent=True))[0] is None
+    assert play.state() == "authorized"
+    # The gateway's initiations carry no readable stamp: a later client initiation is judged on its own.
+    assert play.initiate(initiation(start + 2 * REKEY_AFTER_TIME, recent=True))[0] is None

@@ -201,3 +201,27 @@ def test_with_bypass_initiations_pass_unseen_while_gatewayd_is_down(lab: Lab, ag
     before = lab.handshake_of(new)
     lab.restart_client(new)
     assert lab.wait_handshake(new, after=before, timeout=10) > before
+
+
+def test_a_silent_restarted_client_that_answers_the_gateways_initiation_is_held(
+        lab: Lab, gateway: LabGateway, agent: Agent, sink: Sink) -> None:
+    """The client restarts and keeps quiet; the server keeps sending to it. The gateway's WireGuard encrypts with
+    keys the client lost, hears nothing back, and after 15 s initiates again - the restarted client answers. That
+    initiation is the gateway's own: it is queued on the way out and decided like a client's."""
+    p = lab.peers[0]
+    fresh_session(lab, gateway, agent, p, "sam")
+    lab.restart_client(p, keepalive=0)
+    before = lab.handshake_of(p)
+    to_client = agent.background(lab.srv_ns, "flood", "--to", f"{p.tunnel_ip}:6000", "--tag", "to-client",
+                                 "--rate", "20", "--duration", "40", log="to-client.log")
+    deadline = time.monotonic() + 40
+    while lab.handshake_of(p) <= before:
+        assert time.monotonic() < deadline, "the gateway did not initiate again"
+        time.sleep(0.2)
+    assert state(gateway, p) == QUARANTINED
+    started = sessions(lab, p)[-1]
+    assert started["reason"] == "unanswered" and started["initiated_by"] == "gateway", started
+    sent = flood(agent, p, "answered")
+    Lab.stop(to_client)
+    got = sink.collect()["datagrams"]
+    assert sent > 500 and tagged(got, "answered") == []
