@@ -303,6 +303,11 @@ class Daemon:
                 lambda: float(self.driver.storage_failed is None))
         r.gauge("gatewayd_sqlite_checkpoint_failures", "Checkpoints that failed and were retried",
                 lambda: float(self.checkpointer.failures))
+        r.gauge("gatewayd_handshake_detection", "1 while handshake initiations are decided as they arrive (queue "
+                "bound, rules installed for the interface's port); 0 while off or the interface is not read yet",
+                lambda: float(bool(self.handshakes and self.handshakes.listen_port)))
+        r.gauge("gatewayd_handshake_queue_overflows", "Times the kernel could not hand queued initiations over "
+                "(dropped; clients retry)", lambda: float(self.handshakes.queue.overflows if self.handshakes else 0))
         r.gauge("gatewayd_batch_phase_seconds", "Time spent in each phase of the latest driver batch",
                 lambda: {(("phase", k),): v for k, v in self.driver.last_batch.items()})
 
