@@ -18,7 +18,6 @@ pass unseen instead. Every queued packet waits for a verdict; the socket's buffe
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import shutil
@@ -30,7 +29,7 @@ from collections.abc import Callable
 import nftables
 
 from gatewayd.errors import StartupError
-from gatewayd.netlink import attrs, messages, nla
+from gatewayd.netlink import Subscription, attrs, messages, nla
 from gatewayd.ports import QueuedPacket
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ NF_DROP, NF_ACCEPT = 0, 1
 NF_INET_LOCAL_OUT = 3
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLMSG_ERROR = 2
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 COPY_RANGE = 512  # an initiation's IP packet is 176 (IPv4) or 196 (IPv6) bytes; options and headers fit
 RULE_COMMENT = "gatewayd handshake queue"
 CHAINS = ("INPUT", "OUTPUT")
@@ -64,8 +62,9 @@ class HandshakeQueue:
                  max_len: int = 4096, rcvbuf: int = 8 << 20) -> None:
         if not 0 <= number <= 0xFFFF:
             raise QueueError(f"queue number {number} is not 0-65535")
-        self.number, self.on_packets, self.max_len, self.rcvbuf = number, on_packets, max_len, rcvbuf
-        self._sock: socket.socket | None = None
+        self.number, self.on_packets, self.max_len = number, on_packets, max_len
+        self._sub = Subscription(NETLINK_NETFILTER, 0, self._received, self._overflow, rcvbuf=rcvbuf,
+                                 configure=self._bind)
         self._seq = 0
         self.overflows = 0
 
@@ -87,68 +86,53 @@ class HandshakeQueue:
                 if code:
                     raise QueueError(f"binding queue {self.number}: {errno.errorcode.get(-code, -code)}")
 
+    def _bind(self, sock: socket.socket) -> None:
+        self._configure(sock, nla(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, 0)))
+        self._configure(sock, nla(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_RANGE, NFQNL_COPY_PACKET))
+                        + nla(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", self.max_len)))
+
     def start(self) -> None:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, self.rcvbuf)
-            sock.bind((0, 0))
-            self._configure(sock, nla(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, 0)))
-            self._configure(sock, nla(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_RANGE, NFQNL_COPY_PACKET))
-                            + nla(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", self.max_len)))
-        except BaseException:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        self._sock = sock
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        self._sub.start()
 
     def close(self) -> None:
         """Unbind (packets queued and not yet answered are dropped by the kernel)."""
-        if self._sock is not None:
-            asyncio.get_running_loop().remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        self._sub.close()
 
-    def _readable(self) -> None:
-        assert self._sock is not None
-        while True:
-            try:
-                data = self._sock.recv(1 << 20)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise
-                # The kernel could not hand us packets: it dropped them (no fail-open flag). Clients retry.
-                self.overflows += 1
+    def _overflow(self, exc: OSError) -> None:
+        if exc.errno != errno.ENOBUFS:
+            raise exc
+        # The kernel could not hand us packets: it dropped them (no fail-open flag). Clients retry.
+        self.overflows += 1
+
+    def _received(self, data: bytes) -> None:
+        packets = []
+        for kind, payload in messages(data):
+            if kind != (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
                 continue
-            packets = []
-            for kind, payload in messages(data):
-                if kind != (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
-                    continue
-                packet_id = mark = None
-                hook = 0
-                body = b""
-                for attr, value in attrs(payload[4:]):
-                    if attr == NFQA_PACKET_HDR:
-                        packet_id, _proto, hook = struct.unpack_from("!IHB", value)
-                    elif attr == NFQA_MARK:
-                        (mark,) = struct.unpack_from("!I", value)
-                    elif attr == NFQA_PAYLOAD:
-                        body = value
-                if packet_id is not None:
-                    packets.append(QueuedPacket(id=packet_id, mark=mark or 0, payload=body,
-                                                outgoing=hook == NF_INET_LOCAL_OUT))
-            if packets:
-                self.on_packets(packets)
+            packet_id = mark = None
+            hook = 0
+            body = b""
+            for attr, value in attrs(payload[4:]):
+                if attr == NFQA_PACKET_HDR:
+                    packet_id, _proto, hook = struct.unpack_from("!IHB", value)
+                elif attr == NFQA_MARK:
+                    (mark,) = struct.unpack_from("!I", value)
+                elif attr == NFQA_PAYLOAD:
+                    body = value
+            if packet_id is not None:
+                packets.append(QueuedPacket(id=packet_id, mark=mark or 0, payload=body,
+                                            outgoing=hook == NF_INET_LOCAL_OUT))
+        if packets:
+            self.on_packets(packets)
 
     def verdict(self, packet_id: int, verdict: int) -> None:
-        if self._sock is None:
+        sock = self._sub.sock
+        if sock is None:
             return  # unbound: the kernel dropped the packet already
         message = self._message(NFQNL_MSG_VERDICT, 0, nla(NFQA_VERDICT_HDR, struct.pack("!II", verdict,
                                                                                           packet_id)))
         try:
-            self._sock.send(message)
+            sock.send(message)
         except BlockingIOError:
             # The kernel's socket buffer for verdicts is full (never seen): the packet times out queued and
             # is dropped when the queue is unbound; the client retries.
