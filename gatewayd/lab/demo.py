@@ -2,7 +2,9 @@
 
 Alice's laptop and Bob's laptop are WireGuard peers (each its own wireguard-go); an upstream server sits behind
 the gateway. A SIEM asks for a step-up of Alice: the Disconnect cuts her session at once, her client app can
-reach only the challenge, she proves with TOTP, and she is released. Bob never notices. Every step is timed.
+reach only the challenge, she proves with TOTP, and she is released. Bob never notices. Then her team gets TOTP
+Prior Connection and her client restarts: held from its first packet until she proves again. Every step is
+timed.
 Everything the demo creates (namespaces, processes, files) is removed at the end, also on Ctrl-C.
 """
 
