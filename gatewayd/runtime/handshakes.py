@@ -121,7 +121,13 @@ class HandshakeWatch:
         held: list[tuple[int, HandshakeInitiated]] = []
         peers = self.driver.core.peers
         for packet in packets:
-            event = self._initiation(packet, now, peers)
+            try:
+                event = self._initiation(packet, now, peers)
+            except Exception:  # our bug: never leave a packet held without a verdict
+                log.exception("a queued packet could not be looked at; dropped (the client retries)")
+                self.metrics.handshake_initiations.inc(outcome="dropped")
+                self.queue.drop(packet.id)
+                continue
             if event is None:
                 self.metrics.handshake_initiations.inc(outcome="passed")
                 self.queue.accept(packet.id)
