@@ -36,6 +36,18 @@ def test_example_documents_every_key_with_its_default() -> None:
     ("[challenge]\nlisten = ['1.2.3.4']\n", "challenge.listen[0]"),
     ("[gateway]\nid = 'a/b'\n", "gateway.id"),
     ("[gateway]\nquarantine_unknown_peers = 1\n", "gateway.quarantine_unknown_peers"),
+    ("[handshake]\nqueue_num = 65536\n", "handshake.queue_num"),
+    ("[handshake]\nqueue_num = -1\n", "handshake.queue_num"),
+    ("[handshake]\nqueue = 'native'\n", "handshake.queue"),
+    ("[handshake]\ndaemon_down = 'open'\n", "handshake.daemon_down"),
+    ("[handshake]\nqueue_mark = 0\n", "handshake.queue_mark"),
+    ("[handshake]\nqueue_mark = 0x0c000000\n", "handshake.queue_mark"),
+    ("[handshake]\nrecent_mark = 0x100000000\n", "handshake.recent_mark"),
+    ("[handshake]\nrecent_mark = 0x04000000\n", "handshake.recent_mark"),
+    ("[handshake]\nrate = 0\n", "handshake.rate"),
+    ("[handshake]\nburst = 0\n", "handshake.burst"),
+    ("[handshake]\nrecent_seconds = 0\n", "handshake.recent_seconds"),
+    ("[handshake]\ndetect = 'yes'\n", "handshake.detect"),
 ])
 def test_bad_key_or_value_is_named(snippet: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -101,5 +101,8 @@ async def test_reload_swaps_a_valid_file_and_keeps_the_old_one_on_error(
         assert not await h.daemon.reload()
         assert h.daemon.config.gateway.id == "gw-test"
         assert "RELOADING=1" not in firsts(notify_socket.messages)[-1:]
+        write_config(replace(config, handshake=replace(config.handshake, daemon_down="bypass")), path)
+        assert not await h.daemon.reload()
+        assert h.daemon.config.handshake.daemon_down == "closed"
     finally:
         await stop(h)
