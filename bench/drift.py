@@ -89,7 +89,7 @@ async def measure(ns: str, peers: int, drifts: int, workdir: Path) -> dict[str, 
     )
     adapters = Adapters(enforcer=NftEnforcer(table=TABLE, interface="wgbench", challenge_port=9443),
                         source=StaticPeers(peers), flows=None,
-                        monitor=lambda on_drift: NftMonitor(TABLE, on_drift))
+                        monitor=lambda on_drift, _queue: NftMonitor(TABLE, on_drift))
     daemon = Daemon(config, adapters, autopoll=False)
     await daemon.start()
     try:

@@ -66,8 +66,10 @@ class Adapters:
     flows: FlowTable | None
     watch_links: bool = False
     """Follow the WireGuard interface's link and address changes over rtnetlink."""
-    monitor: Callable[[Callable[[str, dict[str, set[str]] | None], None]], EnforcementMonitor] | None = None
-    """Makes the monitor that reports others' changes of the enforcement table to the given callback."""
+    monitor: Callable[[Callable[[str, dict[str, set[str]] | None], None], Callable[[str], None]],
+                      EnforcementMonitor] | None = None
+    """Makes the monitor that reports others' changes of the enforcement table to the first callback, and of
+    the tables where the handshake queue rule lives to the second."""
     handshake_queue: Callable[[Callable[[list[QueuedPacket]], None]], PacketQueue] | None = None
     """Makes the queue of handshake initiations (None: sessions are seen only by reading the interface)."""
     queue_rule: QueueRule | None = None
@@ -101,7 +103,7 @@ def kernel_adapters(config: Config) -> Adapters:
         source=open_source(config.wireguard),
         flows=Conntrack(),
         watch_links=True,
-        monitor=lambda on_drift: NftMonitor(config.enforcement.table, on_drift),
+        monitor=lambda on_drift, on_queue_rule: NftMonitor(config.enforcement.table, on_drift, on_queue_rule),
     )
 
 
@@ -169,6 +171,10 @@ class Daemon:
         self.outbox: tuple[int, float | None] = (0, None)  # (unpublished, oldest time), refreshed every 2 s
         self._register_gauges()
 
+    def _queue_rule_touched(self, who: str) -> None:
+        if self.handshakes is not None:
+            self.handshakes.check_rule_soon(who)
+
     def _poll_interval(self) -> float | str:
         configured = self.config.wireguard.poll_interval
         if configured == "auto" and self.handshakes is not None:
@@ -210,7 +216,7 @@ class Daemon:
         self.core.restore(teams, members, records, now=self.clock())
         if self.adapters.monitor is not None:
             # Listening before the first reconcile: a change made by someone else from then on is noticed.
-            self.monitor = self.adapters.monitor(self.guard.drift)
+            self.monitor = self.adapters.monitor(self.guard.drift, self._queue_rule_touched)
             await self.monitor.start()
         if self.handshakes is not None and self.adapters.source is not None:
             # Bound before anything is sent to it: initiations wait here (not dropped) until the driver runs,

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
-NFPROTO_INET = 1
+NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6 = 1, 2, 10
+QUEUE_RULE_TABLES = {NFPROTO_IPV4: "mangle", NFPROTO_IPV6: "mangle"}
+"""Where iptables-nft keeps the xt queue rule (adapters/nfqueue.py); the native one is in inet <table>_queue."""
 NFT_MSG_NEWTABLE, NFT_MSG_DELTABLE = 0, 2
 NFT_MSG_NEWGEN = 15
 TABLE_ATTR = 1
@@ -68,8 +70,8 @@ def deleted_elements(body: bytes) -> tuple[str, set[str]] | None:
 
 
 def decode(data: bytes, table: str) -> list[tuple[str, object]]:
-    """("touched", (what, deleted elements or None)) for each message about `table` (family inet), ("gen", (pid,
-    name)) for each NEWGEN."""
+    """("touched", (what, deleted elements or None)) for each message about `table` (family inet), ("queue",
+    what) for each about the tables where the handshake queue rule lives, ("gen", (pid, name)) for each NEWGEN."""
     out: list[tuple[str, object]] = []
     for kind, body in messages(data):
         if kind >> 8 != NFNL_SUBSYS_NFTABLES or len(body) < 4:
@@ -85,15 +87,24 @@ def decode(data: bytes, table: str) -> list[tuple[str, object]]:
             if name == table:
                 deleted = deleted_elements(body[4:]) if msg == NFT_MSG_DELSETELEM else None
                 out.append(("touched", (WHAT.get(msg, f"message {msg}"), deleted)))
+            elif name == f"{table}_queue":
+                out.append(("queue", WHAT.get(msg, f"message {msg}")))
+        elif msg in OBJECT_MESSAGES and QUEUE_RULE_TABLES.get(family) is not None:
+            name = found.get(TABLE_ATTR, b"").split(b"\0", 1)[0].decode(errors="replace")
+            if name == QUEUE_RULE_TABLES[family]:
+                out.append(("queue", WHAT.get(msg, f"message {msg}")))
     return out
 
 
 class NftMonitor:
-    """Reports transactions of others that touched one inet table."""
+    """Reports transactions of others that touched one inet table, and (to `on_queue_rule`) those that touched
+    the tables where the handshake queue rule lives."""
 
-    def __init__(self, table: str, on_drift: Drift) -> None:
+    def __init__(self, table: str, on_drift: Drift, on_queue_rule: Callable[[str], None] | None = None) -> None:
         self.table = table
         self.on_drift = on_drift
+        self.on_queue_rule = on_queue_rule
+        self._queue_touched = False
         self._sub = Subscription(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1), self._received, self._lost,
                                  rcvbuf=4 << 20)
         self._touched: dict[str, int] = {}
@@ -119,6 +130,9 @@ class NftMonitor:
 
     def _received(self, data: bytes) -> None:
         for what, value in decode(data, self.table):
+            if what == "queue":
+                self._queue_touched = True
+                continue
             assert isinstance(value, tuple)
             if what == "touched":
                 kind, deleted = value
@@ -137,4 +151,8 @@ class NftMonitor:
                 else:
                     scope = self._deleted if self._precise else None
                 self.on_drift(f"{name or 'unknown'} (pid {pid}) {done}", scope)
+            if self._queue_touched and self.on_queue_rule is not None:
+                # Our own iptables-nft calls land here too (another process): checking then finds nothing to do.
+                self.on_queue_rule(f"{name or 'unknown'} (pid {pid})")
             self._touched, self._deleted, self._precise = {}, {}, True
+            self._queue_touched = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -65,6 +66,8 @@ class HandshakeWatch:
         self.listen_port = 0
         self._last_wake = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._check = asyncio.Event()
+        self._who = ""
 
     def start(self) -> None:
         """Bind the queue (before the rules send anything to it)."""
@@ -100,16 +103,25 @@ class HandshakeWatch:
         if await self.adopt(identity):
             await self.ensure_rule()
 
+    def check_rule_soon(self, who: str) -> None:
+        """Someone changed a table where the queue rule lives (nftables notifications): check it now."""
+        self._who = who
+        self._check.set()
+
     async def run(self, interval: float = 30.0) -> None:
-        """Put the queue rule back if someone removed it (it lives outside gatewayd's table, so the nftables
-        notifications about that table do not cover it)."""
+        """Put the queue rule back if someone removed or changed it: at once when the nftables notifications tell
+        (check_rule_soon), and every `interval` in case one was lost."""
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check.wait(), interval)
+            self._check.clear()
             try:
                 if self.listen_port and await asyncio.to_thread(self.rule.ensure):
-                    log.warning("the handshake queue rule was missing or changed: put back")
+                    log.warning("the handshake queue rule was missing or changed (last change by %s): put back",
+                                self._who or "unknown")
             except Exception as exc:  # the check runs again; enforcement of sessions already seen goes on
                 log.error("the handshake queue rule cannot be put back: %s", exc)
+            self._who = ""
 
     def close(self) -> None:
         self.queue.close()

@@ -14,7 +14,7 @@ import pyotp
 import pytest
 
 from gatewayd.lab.gateway import LabGateway
-from gatewayd.lab.netlab import GATEWAY_TUNNEL_IP, Lab, LabPeer
+from gatewayd.lab.netlab import GATEWAY_TUNNEL_IP, Lab, LabPeer, run
 from gatewayd.v1 import control_pb2, types_pb2
 from tests.conftest import kernel_missing
 from tests.e2e.conftest import UDP, Agent, Sink
@@ -227,3 +227,20 @@ def test_a_silent_restarted_client_that_answers_the_gateways_initiation_is_held(
     Lab.stop(to_client)
     got = sink.collect()["datagrams"]
     assert sent > 500 and tagged(got, "answered") == []
+
+
+def test_a_deleted_queue_rule_is_put_back_at_once(lab: Lab, gateway: LabGateway) -> None:
+    """The queue rule lives outside gatewayd's table (iptables-nft's mangle table here): deleting it is noticed
+    through the nftables notifications and it is back within moments, not at the next 30 s check."""
+    rule = ["-m", "mark", "--mark", "0x4000000/0x4000000", "-m", "comment", "--comment", "gatewayd handshake queue",
+            "-j", "NFQUEUE", "--queue-num", "5182"]
+    for chain in ("INPUT", "OUTPUT"):
+        run("iptables-nft", "-t", "mangle", "-C", chain, *rule, ns=lab.gw_ns)
+    run("iptables-nft", "-t", "mangle", "-D", "INPUT", *rule, ns=lab.gw_ns)
+    deleted = time.monotonic()
+    while run("iptables-nft", "-t", "mangle", "-C", "INPUT", *rule, ns=lab.gw_ns, check=False).returncode != 0:
+        assert time.monotonic() - deleted < 5, "the queue rule was not put back"
+        time.sleep(0.1)
+    while "put back" not in gateway.log_tail(40):  # logged once the other chains are checked too
+        assert time.monotonic() - deleted < 5, gateway.log_tail(40)
+        time.sleep(0.1)
