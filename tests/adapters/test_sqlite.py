@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,13 +27,13 @@ async def opened(path: Path, key: bytes) -> SqliteStore:
 async def test_pragmas_and_migrations(tmp_path: Path) -> None:
     store = await opened(tmp_path / "s.db", os.urandom(32))
     async with store.writer.execute("PRAGMA journal_mode") as cur:
-        assert (await cur.fetchone())[0] == "wal"  # type: ignore[index]
+        assert (await cur.fetchone())[0] == "wal"
     async with store.writer.execute("PRAGMA synchronous") as cur:
-        assert (await cur.fetchone())[0] == 2  # type: ignore[index]  # FULL
+        assert (await cur.fetchone())[0] == 2  # FULL
     async with store.writer.execute("PRAGMA wal_autocheckpoint") as cur:
-        assert (await cur.fetchone())[0] == 0  # type: ignore[index]  # never inside a COMMIT: see Store.checkpoint
+        assert (await cur.fetchone())[0] == 0  # never inside a COMMIT: see Store.checkpoint
     async with store.writer.execute("PRAGMA user_version") as cur:
-        assert (await cur.fetchone())[0] == len(MIGRATIONS)  # type: ignore[index]
+        assert (await cur.fetchone())[0] == len(MIGRATIONS)
     await store.close()
     # Reopening runs no migration twice; a newer schema is refused.
     store = await opened(tmp_path / "s.db", os.urandom(32))
@@ -97,3 +99,32 @@ def test_secrets_key_file_formats(tmp_path: Path) -> None:
     assert box2.open(nonce, ct, b"aad") == b"x"
     with pytest.raises(StartupError, match="32 raw bytes"):
         SecretBox.from_file(tmp_path / "bad")
+
+
+async def test_a_write_lock_held_by_another_process_is_waited_for_off_the_event_loop(tmp_path: Path) -> None:
+    """The writer's statements run on the event loop; BEGIN IMMEDIATE, if it must wait for another holder of the
+    write lock (an operator's sqlite3 shell), waits in a worker thread while the loop goes on."""
+    store = await opened(tmp_path / "s.db", os.urandom(32))
+    other = sqlite3.connect(tmp_path / "s.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.ensure_future(tick())
+    release = threading.Timer(0.4, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        await store.begin()
+        assert ticks >= 20, ticks  # the loop kept running while the lock was waited for
+        await store.state.save_member("m", "t", Role.MEMBER, [])
+        await store.commit()
+    finally:
+        ticker.cancel()
+        release.join()
+        other.close()
+        await store.close()
