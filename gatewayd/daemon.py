@@ -35,12 +35,21 @@ from gatewayd.config import Config, ConfigError, load
 from gatewayd.core.model import PeerState
 from gatewayd.core.state import CoreConfig, GatewayState
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.ports import EnforcementMonitor, Enforcer, FlowTable, PacketQueue, PeerSource, QueuedPacket, QueueRule
+from gatewayd.ports import (
+    EnforcementMonitor,
+    Enforcer,
+    FlowTable,
+    HandshakeRules,
+    PacketQueue,
+    PeerSource,
+    QueuedPacket,
+    QueueRule,
+)
 from gatewayd.runtime.checkpoints import Checkpointer
 from gatewayd.runtime.control import Heartbeat, MarkPublished, Note
 from gatewayd.runtime.driver import Driver, JobSettings
 from gatewayd.runtime.guard import EnforcementGuard
-from gatewayd.runtime.handshakes import HandshakeSettings, HandshakeWatch
+from gatewayd.runtime.handshakes import HandshakeWatch
 from gatewayd.runtime.observability import Metrics
 from gatewayd.runtime.status import StatusSnapshot, peer_counts
 from gatewayd.runtime.tracker import Tracker
@@ -138,8 +147,8 @@ class Daemon:
             h = config.handshake
             self.handshakes = HandshakeWatch(
                 self.driver, self.metrics, make_queue=adapters.handshake_queue, rule=adapters.queue_rule,
-                settings=HandshakeSettings(queue_mark=h.queue_mark, recent_mark=h.recent_mark, rate=h.rate,
-                                           burst=h.burst, recent_seconds=h.recent_seconds),
+                rules=HandshakeRules(listen_port=0, queue_mark=h.queue_mark, recent_mark=h.recent_mark, rate=h.rate,
+                                     burst=h.burst, recent_seconds=h.recent_seconds),
                 install_rules=adapters.enforcer.set_handshake, wake_reader=self.tracker.wake.set, clock=clock)
             tracker, source, watch = self.tracker, adapters.source, self.handshakes
             assert source is not None

@@ -176,12 +176,6 @@ def udp_packet(packet: bytes) -> Datagram | None:
                     payload=packet[header + 8: header + length])
 
 
-def udp_datagram(packet: bytes) -> tuple[str, int, bytes] | None:
-    """(source address, source port, UDP payload) of an IPv4/IPv6 packet, or None (see udp_packet)."""
-    d = udp_packet(packet)
-    return None if d is None else (d.source, d.sport, d.payload)
-
-
 def endpoint_text(address: str, port: int) -> str:
     """WireGuard's spelling of an endpoint: "ip:port" or "[ip6]:port"."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from gatewayd.handshake import LABEL_MAC1, Responder, endpoint_text, udp_datagram
+from gatewayd.handshake import LABEL_MAC1, Responder, endpoint_text, udp_packet
 from gatewayd.lab.noise import Handshake
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "wg_initiations.json").read_text())
@@ -98,6 +98,11 @@ def ipv4_udp(payload: bytes, *, length: int | None = None, options: bytes = b"")
                          socket.IPPROTO_UDP, 0, socket.inet_aton("192.0.2.5"), socket.inet_aton("192.0.2.1"))
     udp = struct.pack("!HHHH", 40000, 51820, length if length is not None else 8 + len(payload), 0)
     return header + options + udp + payload
+
+
+def udp_datagram(packet: bytes) -> tuple[str, int, bytes] | None:
+    d = udp_packet(packet)
+    return None if d is None else (d.source, d.sport, d.payload)
 
 
 def test_udp_datagrams_are_cut_as_their_headers_say() -> None:

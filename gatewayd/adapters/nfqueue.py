@@ -8,7 +8,7 @@ the input and output hooks at priority -150 (after gatewayd's chains at -200), o
   distributions);
 - `xt`: the kernel lacks the native expression, so iptables-nft rules (IPv4 and IPv6, mangle INPUT and OUTPUT)
   with the xt NFQUEUE target.
-`pick_mode` tries the native expression in a check-only transaction and falls back.
+`pick_mode` tries the native expression (a rule in a chain no packet passes) and falls back.
 
 Without `bypass`, the kernel drops what it would queue while nobody listens: initiations are not let through
 unseen while the daemon is down (sessions keep running on their keys; clients retry every 5 s). With `bypass` they
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import shlex
 import shutil
 import socket
 import struct
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
-NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
-NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND = 1, 2
+NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN = 1, 2, 3
+NFQNL_CFG_CMD_BIND = 1
 NFQNL_COPY_PACKET = 2
 NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK, NFQA_PAYLOAD = 1, 2, 3, 10
 NF_DROP, NF_ACCEPT = 0, 1
@@ -161,13 +162,13 @@ def native_queue_supported() -> bool:
 
 
 def pick_mode(configured: str) -> str:
-    """"nft" or "xt" for the configured "auto", "nft" or "xt"."""
+    """"nft" or "xt" for the configured "auto", "nft" or "xt" (the kernel is probed unless "xt")."""
+    if configured == "xt":
+        return "xt"
     native = native_queue_supported()
     if configured == "nft" and not native:
         raise QueueError('handshake.queue is "nft" but this kernel has no nftables queue expression '
                          '(CONFIG_NFT_QUEUE): use "xt" (iptables-nft) or "auto"')
-    if configured != "auto":
-        return configured
     return "nft" if native else "xt"
 
 
@@ -191,8 +192,7 @@ class XtQueueRule:
 
     @staticmethod
     def _run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([tool, "-w", "5", "-t", "mangle", *args], capture_output=True, text=True,
-                              timeout=30)
+        return _iptables(tool, *args)
 
     def present(self) -> bool:
         return all(self._run(tool, "-C", chain, *self.spec()).returncode == 0
@@ -206,31 +206,34 @@ class XtQueueRule:
             for chain in CHAINS:
                 if self._run(tool, "-C", chain, *self.spec()).returncode == 0:
                     continue
-                self._remove_ours_with(tool, chain)
+                _remove_xt_rules(tool, chain)
                 done = self._run(tool, "-I", chain, "1", *self.spec())
                 if done.returncode != 0:
                     raise QueueError(f"{tool}: {done.stderr.strip() or 'failed'}")
                 changed = True
         return changed
 
-    @classmethod
-    def _remove_ours_with(cls, tool: str, chain: str) -> None:
-        listing = cls._run(tool, "-S", chain)
-        for line in listing.stdout.splitlines():
-            if RULE_COMMENT in line and line.startswith(f"-A {chain} "):
-                args = _split_rule(line[len(f"-A {chain} "):])
-                cls._run(tool, "-D", chain, *args)
-
     def remove(self) -> None:
         for tool in self.TOOLS:
             for chain in CHAINS:
-                self._remove_ours_with(tool, chain)
+                _remove_xt_rules(tool, chain)
+
+
+def _iptables(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool, "-w", "5", "-t", "mangle", *args], capture_output=True, text=True, timeout=30)
+
+
+def _remove_xt_rules(tool: str, chain: str) -> None:
+    """Delete every rule of `chain` that carries gatewayd's comment, whatever its other options."""
+    for line in _iptables(tool, "-S", chain).stdout.splitlines():
+        if RULE_COMMENT in line and line.startswith(f"-A {chain} "):
+            _iptables(tool, "-D", chain, *shlex.split(line[len(f"-A {chain} "):]))
 
 
 class NftQueueRule:
-    """nftables' own queue expression, in a small table of its own (`<table>_queue`, input hook at -150, after
-    gatewayd's chain at -200): the same place in the path as the xt rule. Not exercised on this project's test
-    machines, whose kernel lacks the expression."""
+    """nftables' own queue expression, in a small table of its own (`<table>_queue`, input and output hooks at
+    -150, after gatewayd's chains at -200): the same place in the path as the xt rules. Not exercised on this
+    project's test machines, whose kernel lacks the expression."""
 
     def __init__(self, *, table: str, number: int, mark: int, bypass: bool) -> None:
         self.table, self.number, self.mark, self.bypass = f"{table}_queue", number, mark, bypass
@@ -286,10 +289,5 @@ class StaleQueueRules:
         if all(shutil.which(t) for t in XtQueueRule.TOOLS):
             for tool in XtQueueRule.TOOLS:
                 for chain in CHAINS:
-                    XtQueueRule._remove_ours_with(tool, chain)
+                    _remove_xt_rules(tool, chain)
 
-
-def _split_rule(text: str) -> list[str]:
-    import shlex
-
-    return shlex.split(text)

@@ -177,56 +177,50 @@ class NftEnforcer:
         if h is None:
             return []
 
-        def rule(*expr: dict[str, Any]) -> dict[str, Any]:
-            return {"rule": {"family": FAMILY, "table": self.table, "chain": "handshake", "expr": list(expr)}}
+        def rule(chain: str, *expr: dict[str, Any]) -> dict[str, Any]:
+            return {"rule": {"family": FAMILY, "table": self.table, "chain": chain, "expr": list(expr)}}
 
-        def match(left: dict[str, Any], right: Any) -> dict[str, Any]:
-            return {"match": {"op": "==", "left": left, "right": right}}
+        def match(left: dict[str, Any], right: Any, op: str = "==") -> dict[str, Any]:
+            return {"match": {"op": op, "left": left, "right": right}}
 
         def mark(op: str, value: int) -> dict[str, Any]:
             return {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {op: [{"meta": {"key": "mark"}}, value]}}}
 
-        udp = {"protocol": "udp", "field": "sport"}
-        port = match({"payload": {"protocol": "udp", "field": "dport"}}, h.listen_port)
+        def field(proto: str, name: str) -> dict[str, Any]:
+            return {"payload": {"protocol": proto, "field": name}}
+
+        families = (("ip", 4), ("ip6", 6))
+        bits = h.queue_mark | h.recent_mark
+        clear = mark("&", 0xFFFFFFFF & ~bits)
         # WireGuard messages start with a type byte and three zero bytes; an initiation is 148 bytes (UDP 156).
         data = match({"payload": {"base": "th", "offset": 64, "len": 32}}, 0x04000000)
-        initiation = match({"payload": {"protocol": "udp", "field": "length"}}, 156)
-        rules = []
-        for proto, version in (("ip", 4), ("ip6", 6)):
-            source = {"payload": {"protocol": proto, "field": "saddr"}}
-            endpoint = {"concat": [source, {"payload": udp}]}
-            rules.append(rule(port, data, {"set": {"op": "update", "elem": endpoint,
-                                                   "set": f"@handshake_recent{version}"}}))
+        kind = match({"payload": {"base": "th", "offset": 64, "len": 32}}, 0x01000000)
+        initiation = match(field("udp", "length"), 156)
+        port, sport = match(field("udp", "dport"), h.listen_port), match(field("udp", "sport"), h.listen_port)
         # Nothing before this chain may leave gatewayd's bits set (the "recent" bit lets a rekey through; the
         # queue bit sends a packet to the queue): not another chain, nor the gateway's own output looped back.
-        bits = h.queue_mark | h.recent_mark
-        rules.insert(0, rule({"match": {"op": "!=", "left": {"&": [{"meta": {"key": "mark"}}, bits]}, "right": 0}},
-                             mark("&", 0xFFFFFFFF & ~bits)))
-        for proto, version in (("ip", 4), ("ip6", 6)):
-            source = {"payload": {"protocol": proto, "field": "saddr"}}
+        rules = [rule("handshake", match({"&": [{"meta": {"key": "mark"}}, bits]}, 0, "!="), clear)]
+        for proto, version in families:
+            endpoint = {"concat": [field(proto, "saddr"), field("udp", "sport")]}
+            rules.append(rule("handshake", port, data, {"set": {"op": "update", "elem": endpoint,
+                                                                "set": f"@handshake_recent{version}"}}))
+        for proto, version in families:
             limit = {"limit": {"rate": h.rate, "burst": h.burst, "per": "second", "inv": True}}
-            rules.append(rule(port, initiation, {"set": {"op": "add", "elem": source,
-                                                         "set": f"@handshake_flood{version}", "stmt": [limit]}},
-                              {"drop": None}))
-        for proto, version in (("ip", 4), ("ip6", 6)):
-            endpoint = {"concat": [{"payload": {"protocol": proto, "field": "saddr"}}, {"payload": udp}]}
-            rules.append(rule(port, initiation, match(endpoint, f"@handshake_recent{version}"),
+            rules.append(rule("handshake", port, initiation, {"set": {
+                "op": "add", "elem": field(proto, "saddr"), "set": f"@handshake_flood{version}", "stmt": [limit]}},
+                {"drop": None}))
+        for proto, version in families:
+            endpoint = {"concat": [field(proto, "saddr"), field("udp", "sport")]}
+            rules.append(rule("handshake", port, initiation, match(endpoint, f"@handshake_recent{version}"),
                               mark("|", h.recent_mark)))
-        rules.append(rule(port, initiation, mark("|", h.queue_mark)))
+        rules.append(rule("handshake", port, initiation, mark("|", h.queue_mark)))
         # The gateway's own initiations (WireGuard re-initiating a session): the same marks, towards the peer.
-        sport = match({"payload": {"protocol": "udp", "field": "sport"}}, h.listen_port)
-        kind = match({"payload": {"base": "th", "offset": 64, "len": 32}}, 0x01000000)
-
-        def out(*expr: dict[str, Any]) -> dict[str, Any]:
-            return {"rule": {"family": FAMILY, "table": self.table, "chain": "handshake_out", "expr": list(expr)}}
-
-        rules.append(out(sport, initiation, kind, mark("&", 0xFFFFFFFF & ~(h.queue_mark | h.recent_mark))))
-        for proto, version in (("ip", 4), ("ip6", 6)):
-            endpoint = {"concat": [{"payload": {"protocol": proto, "field": "daddr"}},
-                                   {"payload": {"protocol": "udp", "field": "dport"}}]}
-            rules.append(out(sport, initiation, kind, match(endpoint, f"@handshake_recent{version}"),
-                             mark("|", h.recent_mark)))
-        rules.append(out(sport, initiation, kind, mark("|", h.queue_mark)))
+        rules.append(rule("handshake_out", sport, initiation, kind, clear))
+        for proto, version in families:
+            endpoint = {"concat": [field(proto, "daddr"), field("udp", "dport")]}
+            rules.append(rule("handshake_out", sport, initiation, kind, match(endpoint, f"@handshake_recent{version}"),
+                              mark("|", h.recent_mark)))
+        rules.append(rule("handshake_out", sport, initiation, kind, mark("|", h.queue_mark)))
         return rules
 
     async def set_handshake(self, rules: HandshakeRules | None) -> None:

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gatewayd.core.events import HandshakeInitiated
@@ -44,21 +44,14 @@ class DecideInitiations:
         return [b.ask(b.core.initiated, e) for e in self.events]
 
 
-@dataclass(frozen=True, kw_only=True)
-class HandshakeSettings:
-    queue_mark: int
-    recent_mark: int
-    rate: int
-    burst: int
-    recent_seconds: int
-
-
 class HandshakeWatch:
     def __init__(self, driver: Driver, metrics: Metrics, *, make_queue: Callable[[Callable[[list[QueuedPacket]], None]],
-                 PacketQueue], rule: QueueRule, settings: HandshakeSettings,
+                 PacketQueue], rule: QueueRule, rules: HandshakeRules,
                  install_rules: Callable[[HandshakeRules | None], Any], wake_reader: Callable[[], None],
                  clock: Callable[[], float] = time.time) -> None:
-        self.driver, self.metrics, self.settings, self.clock = driver, metrics, settings, clock
+        self.driver, self.metrics, self.clock = driver, metrics, clock
+        self.rules = rules
+        """The handshake chain's settings; its listen_port follows the interface's (adopt)."""
         self.rule, self.install_rules, self.wake_reader = rule, install_rules, wake_reader
         self.queue = make_queue(self._packets)
         self.responder: Responder | None = None
@@ -83,10 +76,7 @@ class HandshakeWatch:
             self._key = identity.private_key
         if identity.listen_port == self.listen_port:
             return False
-        s = self.settings
-        await self.install_rules(HandshakeRules(
-            listen_port=identity.listen_port, queue_mark=s.queue_mark, recent_mark=s.recent_mark, rate=s.rate,
-            burst=s.burst, recent_seconds=s.recent_seconds))
+        await self.install_rules(replace(self.rules, listen_port=identity.listen_port))
         if self.listen_port:
             log.info("WireGuard listen port moved from %d to %d", self.listen_port, identity.listen_port)
         self.listen_port = identity.listen_port
@@ -156,7 +146,7 @@ class HandshakeWatch:
         datagram = udp_packet(packet.payload)
         if datagram is None or len(datagram.payload) != INITIATION_SIZE:
             return None
-        recent = bool(packet.mark & self.settings.recent_mark)
+        recent = bool(packet.mark & self.rules.recent_mark)
         if packet.outgoing:
             endpoint = endpoint_text(datagram.destination, datagram.dport)
             key = self._addressee(datagram.payload, endpoint, peers)

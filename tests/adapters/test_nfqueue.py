@@ -14,7 +14,7 @@ import pytest
 
 from gatewayd.adapters.nfqueue import HandshakeQueue, QueueError, XtQueueRule, native_queue_supported, pick_mode
 from gatewayd.adapters.nftables import NftEnforcer
-from gatewayd.handshake import udp_datagram
+from gatewayd.handshake import udp_packet
 from gatewayd.ports import HandshakeRules, QueuedPacket
 from tests.netns import inside, namespace
 
@@ -59,6 +59,14 @@ class Endpoint:
         self.client.close()
 
 
+async def handshake_table(handshake: HandshakeRules | None = None) -> NftEnforcer:
+    """gatewayd's table with its handshake chains, and the xt queue rule (fail closed), in the current namespace."""
+    enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+    await enforcer.reconcile(set(), set())
+    await enforcer.set_handshake(handshake or rules())
+    return enforcer
+
+
 async def until(predicate: Callable[[], bool]) -> None:
     deadline = asyncio.get_running_loop().time() + 2.0
     while not predicate():
@@ -70,9 +78,7 @@ async def until(predicate: Callable[[], bool]) -> None:
 async def test_initiations_are_held_until_their_verdict_and_carry_the_recent_data_mark(address: str) -> None:
     assert pick_mode("auto") == ("nft" if native_queue_supported() else "xt")
     with namespace() as ns, inside(ns):
-        enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
-        await enforcer.reconcile(set(), set())
-        await enforcer.set_handshake(rules())
+        await handshake_table()
         rule = XtQueueRule(number=QUEUE, mark=QMARK, bypass=False)
         assert rule.ensure() and rule.present() and not rule.ensure()
         got: list[QueuedPacket] = []
@@ -84,8 +90,8 @@ async def test_initiations_are_held_until_their_verdict_and_carry_the_recent_dat
             await until(lambda: len(got) == 1)
             held = got[0]
             assert held.mark & QMARK and not held.mark & RMARK
-            parsed = udp_datagram(held.payload)
-            assert parsed is not None and parsed[0] == address and parsed[2] == INITIATION
+            parsed = udp_packet(held.payload)
+            assert parsed is not None and parsed.source == address and parsed.payload == INITIATION
             await asyncio.sleep(0.1)
             assert ep.received() == []  # held in the kernel
             queue.accept(held.id)
@@ -120,9 +126,7 @@ async def test_initiations_are_held_until_their_verdict_and_carry_the_recent_dat
 
 async def test_without_a_listener_initiations_are_dropped_or_with_bypass_let_through() -> None:
     with namespace() as ns, inside(ns):
-        enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
-        await enforcer.reconcile(set(), set())
-        await enforcer.set_handshake(rules())
+        await handshake_table()
         XtQueueRule(number=QUEUE, mark=QMARK, bypass=False).ensure()
         ep = Endpoint()
         try:
@@ -146,9 +150,7 @@ async def test_without_a_listener_initiations_are_dropped_or_with_bypass_let_thr
 
 async def test_a_flood_from_one_source_is_cut_to_the_rate_before_the_queue() -> None:
     with namespace() as ns, inside(ns):
-        enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
-        await enforcer.reconcile(set(), set())
-        await enforcer.set_handshake(rules(rate=10, burst=20))
+        enforcer = await handshake_table(rules(rate=10, burst=20))
         XtQueueRule(number=QUEUE, mark=QMARK, bypass=False).ensure()
         got: list[QueuedPacket] = []
 

@@ -20,16 +20,17 @@ from gatewayd.core import events as ev
 from gatewayd.core.model import Factor, Member, Role, Roles, Scope, TeamPolicy
 from gatewayd.core.state import GatewayState
 from gatewayd.lab.noise import initiation
-from gatewayd.ports import InterfaceIdentity, QueuedPacket
+from gatewayd.ports import HandshakeRules, InterfaceIdentity, QueuedPacket
 from gatewayd.runtime.driver import Batch, Driver
-from gatewayd.runtime.handshakes import HandshakeSettings, HandshakeWatch
+from gatewayd.runtime.handshakes import HandshakeWatch
 from gatewayd.runtime.observability import Metrics
 from tests.fakes import CallJob, MemoryEnforcer, MemoryFlows, MemorySource
 
 GATEWAY = X25519PrivateKey.generate()
 CLIENT = X25519PrivateKey.generate()
 CLIENT_KEY = base64.b64encode(CLIENT.public_key().public_bytes_raw()).decode()
-SETTINGS = HandshakeSettings(queue_mark=1 << 26, recent_mark=1 << 27, rate=50, burst=100, recent_seconds=15)
+SETTINGS = HandshakeRules(listen_port=0, queue_mark=1 << 26, recent_mark=1 << 27, rate=50, burst=100,
+                          recent_seconds=15)
 
 
 class MemoryQueue:
@@ -95,7 +96,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         queues.append(MemoryQueue(on_packets))
         return queues[0]
 
-    watch = HandshakeWatch(driver, Metrics.create(), make_queue=make_queue, rule=NoRule(), settings=SETTINGS,
+    watch = HandshakeWatch(driver, Metrics.create(), make_queue=make_queue, rule=NoRule(), rules=SETTINGS,
                            install_rules=enforcer.set_handshake, wake_reader=lambda: None,
                            clock=lambda: 1_000_001.0)
     await watch.adopt(InterfaceIdentity(private_key=GATEWAY.private_bytes_raw(), listen_port=51820))
