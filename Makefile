@@ -50,6 +50,7 @@ bench: deps
 	$(BIN)/python -m bench.disconnect --out bench/results.json
 	$(BIN)/python -m bench.drift --out bench/drift.json
 	$(BIN)/python -m bench.handshakes --out bench/handshakes.json
+	$(BIN)/python -m bench.proofs --out bench/proofs.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

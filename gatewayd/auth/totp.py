@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import enum
 import hmac
 import re
@@ -78,10 +77,20 @@ class Verdict:
     """The matched step (for ACCEPTED and REPLAYED)."""
 
 
+class _Totp(pyotp.TOTP):
+    """pyotp's TOTP over the raw secret: pyotp decodes its base32 secret again for every code, which was a third
+    of a proof's CPU time in the driver."""
+
+    def __init__(self, factor: TotpFactor) -> None:
+        self._raw = factor.secret
+        super().__init__("", digits=factor.digits, digest=factor.algorithm.value, interval=factor.period)
+
+    def byte_secret(self) -> bytes:
+        return self._raw
+
+
 def code_at(factor: TotpFactor, step: int) -> str:
-    totp = pyotp.TOTP(base64.b32encode(factor.secret).decode(), digits=factor.digits,
-                      digest=factor.algorithm.value, interval=factor.period)
-    return str(totp.generate_otp(step))
+    return str(_Totp(factor).generate_otp(step))
 
 
 def verify(factor: TotpFactor, code: str, now: float) -> Verdict:
@@ -93,10 +102,11 @@ def verify(factor: TotpFactor, code: str, now: float) -> Verdict:
         raise ValueError("malformed code must be refused at the edge")
     current = int(now) // factor.period
     matched: int | None = None
+    totp = _Totp(factor)
     for step in (current - 1, current, current + 1):
         if step < 0:
             continue
-        if hmac.compare_digest(code_at(factor, step).encode(), code.encode()) and (
+        if hmac.compare_digest(str(totp.generate_otp(step)).encode(), code.encode()) and (
             matched is None or step > matched
         ):
             matched = step

@@ -59,15 +59,17 @@ def _peer(b: Batch, public_key: str) -> Peer:
     return peer
 
 
-async def view(b: Batch, peer: Peer) -> ChallengeView:
-    """The peer's status as its client app sees it."""
+async def view(b: Batch, peer: Peer, attempts: limits.AttemptState | None = None) -> ChallengeView:
+    """The peer's status as its client app sees it; `attempts`: the member's attempt state when the caller
+    has just written it (saves reading it back)."""
     member = b.core.member_of(peer)
     state = peer.state or PeerState.LOCKED
-    attempts = limits.RESET
-    if member is not None:
-        auth = await b.state.member_auth(member.member_id)
-        if auth is not None:
-            attempts = auth.attempts
+    if attempts is None:
+        attempts = limits.RESET
+        if member is not None:
+            auth = await b.state.member_auth(member.member_id)
+            if auth is not None:
+                attempts = auth.attempts
     rules = b.settings.attempts
     return ChallengeView(
         state=state, owes=peer.owes,
@@ -108,14 +110,14 @@ async def _failed(b: Batch, peer: Peer, member: Member, attempts: limits.Attempt
     if after.locked:
         b.publish("factor.locked", f"member/{member.member_id}", failures=after.failures)
         b.feed(ev.MemberUpserted(member=replace(member, locked=True)))
-    return ProofOutcome(accepted=False, status=await view(b, peer))
+    return ProofOutcome(accepted=False, status=await view(b, peer, after))
 
 
 async def _accepted(b: Batch, peer: Peer, member: Member, factor: Factor, backup_remaining: int = 0
                     ) -> ProofOutcome:
     await b.state.save_attempts(member.member_id, limits.RESET)
     b.ask(b.core.accept_proof, ev.ProofAccepted(public_key=peer.public_key, factor=factor, verified_at=b.now))
-    return ProofOutcome(accepted=True, status=await view(b, peer), backup_remaining=backup_remaining)
+    return ProofOutcome(accepted=True, status=await view(b, peer, limits.RESET), backup_remaining=backup_remaining)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,325 @@
+"""Benchmark: proofs per second through the challenge API, 10,000 members on a wireguard-go gateway.
+
+Every member has one peer, quarantined until it proves with TOTP (a team with TOTP Prior Connection). The client
+apps are emulated in a namespace of their own, connected to the gateway by a veth pair: member i's calls come from
+its tunnel address (the challenge API identifies a caller by it) through a route with that source address, over
+one gRPC channel (one TCP connection) per member, connected before the timed calls as a client app's is while it
+watches its status. gatewayd takes that link for its WireGuard interface (see as_tunnel): the peers are read from
+the real wireguard-go and the quarantine is real nftables on the link; only WireGuard's own encryption, which is
+not gatewayd's work, is left out. Two client processes share the calls; each call is timed from send to answer
+(accepted = released in nftables and committed). The daemon's CPU time per call is read from /proc, by thread.
+
+Runs: a baseline of gRPC alone (the same connections calling the health service), then TOTP proofs at concurrency
+64 over all members, then (after a team Disconnect put everyone back into quarantine and the next TOTP step began)
+16 and 1 over subsets. Also the hand-scripted way: verify the code with pyotp and release the peer with one
+`nft delete element` process per proof. Writes JSON. Run as root: `make bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pyotp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.disconnect import summary, tunnel_ip
+from gatewayd.lab.gateway import LabGateway
+from gatewayd.lab.netlab import UAPI_DIR, Lab, run
+from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
+
+TEAM = "prior"
+PORT = 9443
+GW_LINK, CLIENT_LINK = "198.20.0.1", "198.20.0.2"
+
+
+def target_ip(i: int) -> str:
+    """The gateway address member i calls: one per member, so that a route can give each its source address."""
+    return f"172.20.{i // 256}.{i % 256}"
+
+
+def wire(lab: Lab, ns: str, n: int) -> None:
+    """The clients' namespace: every tunnel address is local there, and member i reaches target_ip(i) from
+    tunnel_ip(i). The gateway answers on all of 172.20.0.0/16 and routes the tunnel addresses back."""
+    lab._netns(ns)  # removed with the lab
+    run("ip", "link", "add", f"gwd{lab.tag}c0", "netns", lab.gw_ns, "type", "veth", "peer", "name",
+        f"gwd{lab.tag}c1", "netns", ns)
+    run("ip", "addr", "add", f"{GW_LINK}/24", "dev", f"gwd{lab.tag}c0", ns=lab.gw_ns)
+    run("ip", "link", "set", f"gwd{lab.tag}c0", "up", ns=lab.gw_ns)
+    run("ip", "addr", "add", f"{CLIENT_LINK}/24", "dev", f"gwd{lab.tag}c1", ns=ns)
+    run("ip", "link", "set", f"gwd{lab.tag}c1", "up", ns=ns)
+    run("ip", "route", "add", "local", "172.20.0.0/16", "dev", "lo", ns=lab.gw_ns)
+    run("ip", "route", "add", "10.100.0.0/14", "via", CLIENT_LINK, ns=lab.gw_ns)
+    run("ip", "route", "add", "local", "10.100.0.0/14", "dev", "lo", ns=ns)
+    routes = "".join(f"route add {target_ip(i)}/32 via {GW_LINK} src {tunnel_ip(i)}\n" for i in range(n))
+    run("ip", "-batch", "-", ns=ns, input_=routes)
+
+
+def as_tunnel(lab: Lab) -> dict[str, Any]:
+    """The [wireguard] settings that make gatewayd take the clients' link for its WireGuard interface: it reads
+    the peers from the real wireguard-go (through a UAPI socket path named after the link), and its nftables
+    rules treat the link's traffic as tunnel traffic (only the challenge port open to quarantined sources)."""
+    uapi = lab.workdir / "uapi"
+    uapi.mkdir(exist_ok=True)
+    link = f"gwd{lab.tag}c0"
+    (uapi / f"{link}.sock").unlink(missing_ok=True)
+    (uapi / f"{link}.sock").symlink_to(UAPI_DIR / f"{lab.gw_iface}.sock")
+    return {"interface": link, "backend": "uapi", "uapi_socket_dir": str(uapi)}
+
+
+def configure(lab: Lab, n: int) -> list[str]:
+    from bench.handshakes import configure as add_peers
+    return [public for _, public in add_peers(lab, n)]
+
+
+async def enroll(socket_path: Path, keys: list[str], secrets: list[bytes]) -> None:
+    async with grpc.aio.secure_channel(f"unix:{socket_path}",
+                                       grpc.local_channel_credentials(grpc.LocalConnectionType.UDS)) as ch:
+        stub = control_pb2_grpc.ControlServiceStub(ch)
+        await stub.ApplyTeamPolicy(control_pb2.ApplyTeamPolicyRequest(policy=control_pb2.TeamPolicy(
+            team_id=TEAM, version=1, scope=types_pb2.MFA_SCOPE_CLIENT_APP, roles=types_pb2.MFA_ROLES_ALL,
+            totp_prior_connection=True)))
+        sem = asyncio.Semaphore(64)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await stub.UpsertMember(control_pb2.UpsertMemberRequest(
+                    member_id=f"m{i}", team_id=TEAM, role=types_pb2.MEMBER_ROLE_MEMBER, peer_public_keys=[keys[i]],
+                    totp=control_pb2.TotpEnrollment(secret=secrets[i], digits=6)))
+
+        await asyncio.gather(*(one(i) for i in range(len(keys))))
+
+
+async def disconnect_team(socket_path: Path) -> None:
+    async with grpc.aio.secure_channel(f"unix:{socket_path}",
+                                       grpc.local_channel_credentials(grpc.LocalConnectionType.UDS)) as ch:
+        stub = control_pb2_grpc.ControlServiceStub(ch)
+        await stub.Disconnect(control_pb2.DisconnectRequest(team_id=TEAM, reason="bench",
+                                                            idempotency_key=os.urandom(8).hex()), timeout=60)
+
+
+# ---- the client apps (run in the clients' namespace, several processes) ----------------------------------------
+
+async def _prove(members: list[tuple[int, str]], concurrency: int, call: str) -> dict[str, Any]:
+    """Connect every member's channel (a client app holds its connection while it watches its status), say
+    "ready", wait for the go line on stdin, then submit the proofs with `concurrency` in flight."""
+    latencies: list[float] = []
+    outcomes: dict[str, int] = {}
+    channels: list[tuple[grpc.aio.Channel, int, str]] = []
+
+    async def connect(i: int, secret_b32: str) -> None:
+        async with sem:
+            ch = grpc.aio.insecure_channel(f"{target_ip(i)}:{PORT}")
+            try:
+                await asyncio.wait_for(ch.channel_ready(), 10)
+            except TimeoutError:
+                outcomes["no_connection"] = outcomes.get("no_connection", 0) + 1
+                await ch.close()
+                return
+            channels.append((ch, i, secret_b32))
+
+    async def one(ch: grpc.aio.Channel, secret_b32: str) -> None:
+        async with sem:
+            code = pyotp.TOTP(secret_b32).now()
+            started = time.perf_counter()
+            try:
+                if call == "health":
+                    await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
+                    outcome = "accepted"
+                else:
+                    result = await challenge_pb2_grpc.ChallengeServiceStub(ch).SubmitTotp(
+                        challenge_pb2.SubmitTotpRequest(code=code), timeout=30)
+                    outcome = "accepted" if result.accepted else "refused"
+            except grpc.aio.AioRpcError as exc:
+                outcome = exc.code().name
+            latencies.append(time.perf_counter() - started)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    sem = asyncio.Semaphore(64)
+    await asyncio.gather(*(connect(i, s) for i, s in members))
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    sem = asyncio.Semaphore(concurrency)
+    started = time.perf_counter()
+    await asyncio.gather(*(one(ch, s) for ch, _, s in channels))
+    seconds = time.perf_counter() - started
+    await asyncio.gather(*(ch.close() for ch, _, _ in channels))
+    return {"latencies": latencies, "outcomes": outcomes, "seconds": seconds}
+
+
+def client_main(argv: list[str]) -> int:
+    """`python -m bench.proofs client <concurrency> <totp|health>`: members as JSON lines [i, secret] on stdin
+    up to an empty line, then the go line; JSON out."""
+    import uvloop
+    members: list[tuple[int, str]] = []
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        i, secret = json.loads(line)
+        members.append((i, secret))
+    result = uvloop.run(_prove(members, int(argv[0]), argv[1]))
+    print(json.dumps(result))
+    return 0
+
+
+def prove(ns: str, members: list[tuple[int, str]], concurrency: int, gw: LabGateway, processes: int = 2,
+          call: str = "totp") -> dict[str, Any]:
+    """The members' proofs from `processes` client processes sharing `concurrency` calls in flight, once every
+    channel is connected; with the daemon's CPU time over the calls."""
+    processes = max(1, min(processes, concurrency))
+    shares = [members[k::processes] for k in range(processes)]
+    per = [concurrency // processes + (1 if k < concurrency % processes else 0) for k in range(processes)]
+    procs = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "bench.proofs", "client", str(c), call],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for c in per]
+    for proc, share in zip(procs, shares, strict=True):
+        assert proc.stdin is not None
+        proc.stdin.write("".join(json.dumps(m) + "\n" for m in share) + "\n")
+        proc.stdin.flush()
+    for proc in procs:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("a client process failed")
+    cpu, threads = daemon_cpu(gw), daemon_threads_cpu(gw)
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+    results = []
+    for proc in procs:
+        assert proc.stdout is not None
+        results.append(json.loads(proc.stdout.read()))
+        proc.wait(30)
+    cpu = daemon_cpu(gw) - cpu
+    calls = sum(r["outcomes"].get("accepted", 0) for r in results) or 1
+    by_thread = {name: round((seconds - threads.get(name, 0.0)) * 1000 / calls, 3)
+                 for name, seconds in daemon_threads_cpu(gw).items() if seconds - threads.get(name, 0.0) > 0}
+    latencies = [x for r in results for x in r["latencies"]]
+    outcomes: dict[str, int] = {}
+    for r in results:
+        for k, v in r["outcomes"].items():
+            outcomes[k] = outcomes.get(k, 0) + v
+    busy = max(r["seconds"] for r in results)
+    return {"concurrency": concurrency, "members": len(members), "client_processes": processes,
+            "outcomes": outcomes, "accepted_per_s": outcomes.get("accepted", 0) / busy, "seconds": busy,
+            "daemon_cpu_ms_per_call": cpu * 1000 / max(1, len(latencies)),
+            "daemon_cpu_ms_per_accepted_call_by_thread": by_thread, "latency": summary(latencies)}
+
+
+def daemon_cpu(gw: LabGateway) -> float:
+    return sum(daemon_threads_cpu(gw).values())
+
+
+def daemon_threads_cpu(gw: LabGateway) -> dict[str, float]:
+    """CPU seconds of the daemon's threads by thread name (the event loop's thread is "python")."""
+    assert gw.proc is not None
+    # The daemon runs under `ip netns exec` (which execs it): the pid is the daemon's.
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{gw.proc.pid}/task").iterdir():
+        try:
+            name, _, rest = task.joinpath("stat").read_text().partition(" (")[2].rpartition(")")
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        fields = rest.split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def quarantined(ns: str) -> int:
+    out = run("nft", "-j", "list", "set", "inet", "gatewayd", "quarantine4", ns=ns).stdout
+    return sum(len(i["set"].get("elem", [])) for i in json.loads(out)["nftables"] if "set" in i)
+
+
+def wait_next_step() -> None:
+    time.sleep(30 - time.time() % 30 + 0.5)
+
+
+def by_hand(ns: str, keys_ips: list[tuple[str, str]], secrets: list[str], calls: int) -> dict[str, Any]:
+    """The hand-scripted way: check the code with pyotp, then one `nft delete element` per proof."""
+    latencies = []
+    for (_, ip), secret in list(zip(keys_ips, secrets, strict=True))[:calls]:
+        started = time.perf_counter()
+        totp = pyotp.TOTP(secret)
+        assert totp.verify(totp.now(), valid_window=1)
+        run("nft", "delete", "element", "inet", "gatewayd", "quarantine4", "{", ip, "}", ns=ns)
+        latencies.append(time.perf_counter() - started)
+    return {"calls": calls, "per_s": calls / sum(latencies), "latency": summary(latencies)}
+
+
+def run_bench(n: int, profile: Path | None) -> dict[str, Any]:
+    lab = Lab(peers_wanted=0)
+    out: dict[str, Any] = {"members": n}
+    with lab.running():
+        clients = f"gwd{lab.tag}-c"
+        keys = configure(lab, n)
+        wire(lab, clients, n)
+        raw = [os.urandom(20) for _ in range(n)]
+        secrets = [base64.b32encode(s).decode() for s in raw]
+        gw = LabGateway(lab, challenge={"listen": [f"0.0.0.0:{PORT}"]}, wireguard=as_tunnel(lab))
+        gw.start(timeout=120)
+        try:
+            asyncio.run(enroll(lab.workdir / "control.sock", keys, raw))
+            out["quarantined_before"] = quarantined(lab.gw_ns)
+            members = list(enumerate(secrets))
+            out["grpc_baseline"] = prove(clients, members, 64, gw, call="health")
+            spy = None
+            if profile is not None:
+                assert gw.proc is not None
+                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                                        str(gw.proc.pid), "--format", "raw", "--output", str(profile), "--rate", "1000",
+                                        "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)
+            runs = [prove(clients, members, 64, gw)]
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(60)
+            out["quarantined_after_c64"] = quarantined(lab.gw_ns)
+            for concurrency, count in ((16, min(n, 2000)), (1, min(n, 300))):
+                asyncio.run(disconnect_team(lab.workdir / "control.sock"))
+                wait_next_step()
+                runs.append(prove(clients, members[:count], concurrency, gw))
+            out["gatewayd"] = runs
+            asyncio.run(disconnect_team(lab.workdir / "control.sock"))
+        finally:
+            gw.stop()
+        out["by_hand"] = by_hand(lab.gw_ns, [(k, tunnel_ip(i)) for i, k in enumerate(keys)], secrets, 200)
+        out["ratio_c64_to_by_hand"] = runs[0]["accepted_per_s"] / out["by_hand"]["per_s"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "client":
+        return client_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--members", type=int, default=10_000)
+    parser.add_argument("--profile", type=Path, help="py-spy raw (collapsed) stacks of the c64 run to this file")
+    parser.add_argument("--out", type=Path, default=Path("bench/proofs.json"))
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("the benchmark needs root (network namespaces, nftables, wireguard-go)", file=sys.stderr)
+        return 1
+    report = {
+        "machine": {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count()},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **run_bench(args.members, args.profile),
+    }
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    multiprocessing.freeze_support()
+    sys.exit(main())
