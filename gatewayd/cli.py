@@ -40,7 +40,7 @@ def _run(path: Path, *, init_store: bool = False) -> int:
             loop.add_signal_handler(sig, stop.set)
         daemon = Daemon(config, kernel_adapters(config), config_path=path, init_store=init_store)
         loop.add_signal_handler(signal.SIGHUP, lambda: spawn(daemon.reload(), name="reload"))
-        spawn(freeze_when_ready(daemon.ready), name="gc-freeze")
+        spawn(freeze_when_ready(daemon.ready, daemon.first_read), name="gc-freeze")
         await daemon.serve(stop)
 
     uvloop.run(main())

@@ -50,6 +50,7 @@ from gatewayd.runtime.control import Heartbeat, MarkPublished, Note
 from gatewayd.runtime.driver import Driver, JobSettings
 from gatewayd.runtime.guard import EnforcementGuard
 from gatewayd.runtime.handshakes import HandshakeWatch
+from gatewayd.runtime.memory import collection_paused
 from gatewayd.runtime.observability import Metrics
 from gatewayd.runtime.status import StatusSnapshot, peer_counts
 from gatewayd.runtime.tracker import Tracker
@@ -174,6 +175,8 @@ class Daemon:
         self.control_port: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.ready = asyncio.Event()
+        self.first_read = asyncio.Event()
+        """Set once the first read of the interface after READY was tried (it decides peers added meanwhile)."""
         self.links: LinkWatcher | None = None
         self.metrics_server: asyncio.Server | None = None
         self.started_at: float | None = None
@@ -221,8 +224,10 @@ class Daemon:
         await self.store.open(init=self.init_store)
         if self.adapters.flows is not None:
             await self.adapters.flows.start()
-        teams, members, records = await self.store.load()
-        self.core.restore(teams, members, records, now=self.clock())
+        with collection_paused():
+            teams, members, records = await self.store.load()
+            self.core.restore(teams, members, records, now=self.clock())
+            del teams, members, records
         if self.adapters.monitor is not None:
             # Listening before the first reconcile: a change made by someone else from then on is noticed.
             self.monitor = self.adapters.monitor(self.guard.drift, self._queue_rule_touched)
@@ -239,17 +244,16 @@ class Daemon:
                             self.config.wireguard.interface, exc)
         elif self.adapters.queue_rule is not None:
             await asyncio.to_thread(self.adapters.queue_rule.remove)  # detection was turned off
-        await self.adapters.enforcer.reconcile(self.core.enforced_prefixes(), self.core.tracked_prefixes())
+        changes = await self.adapters.enforcer.reconcile(self.core.enforced_prefixes(), self.core.tracked_prefixes())
+        if changes:
+            log.warning("at start-up the kernel did not hold what the store says; made it so: %s", "; ".join(changes))
         self.guard.verified_at = self.clock()
         if self.handshakes is not None:
             await self.handshakes.ensure_rule()
         if self.tracker is not None:
             # The first read of the interface is compared with what was stored: peers gone meanwhile are
             # unconfigured, so that their prefixes stop being tracked.
-            self.tracker.seed({
-                k: PeerSnapshot(public_key=k, endpoint=p.endpoint, allowed_ips=p.allowed_ips,
-                                last_handshake=p.last_handshake, keepalive=0)
-                for k, p in self.core.peers.items() if p.present})
+            self.tracker.rebase()
         self._tasks.append(spawn(self.driver.run(), name="driver"))
         self._tasks.append(spawn(self.checkpointer.run(), name="checkpointer"))
         self._tasks.append(spawn(self.guard.run(), name="enforcement-guard"))
@@ -260,13 +264,16 @@ class Daemon:
             self.links = LinkWatcher(self.config.wireguard.interface, self._link_changed)
             await self.links.start()
         if self.tracker is not None:
-            # If the interface is not there yet (rtnetlink tells when it comes), enforcement from the store
-            # already holds and tunnel traffic from undecided addresses is refused meanwhile.
-            # The first read also gives the interface's key and port: the handshake chain and the queue rule are
-            # installed then, after the reconcile.
-            await self.tracker.poll_logged()
+            # The first read runs right after READY (100,000 peers take seconds to read and decode): until it
+            # is in, enforcement from the store holds, and tunnel traffic from an address the store does not
+            # know (a peer added while gatewayd was down) is refused as undecided; a Disconnect quarantines at
+            # once and drops the session keys after that read. Likewise if the interface is not there yet
+            # (rtnetlink tells when it comes). Without autopoll (tests drive the reads) it runs here.
             if self.autopoll:
-                self._tasks.append(spawn(self.tracker.run(), name="tracker"))
+                self._tasks.append(spawn(self._track(self.tracker), name="tracker"))
+            else:
+                await self.tracker.poll_logged()
+                self.first_read.set()
         if self.handshakes is not None:
             self._tasks.append(spawn(self.handshakes.run(), name="handshake-rule-check"))
         c = self.config.control
@@ -477,6 +484,11 @@ class Daemon:
             self.tracker.wake.set()
         if kind.startswith(("address.", "link.")):
             spawn(self._rebind_challenge(), name="challenge-rebind")
+
+    async def _track(self, tracker: Tracker) -> None:
+        await tracker.poll_logged()
+        self.first_read.set()
+        await tracker.run()
 
     async def stop(self) -> None:
         notify("STOPPING=1")

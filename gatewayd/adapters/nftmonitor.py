@@ -70,8 +70,10 @@ def deleted_elements(body: bytes) -> tuple[str, set[str]] | None:
 
 
 def decode(data: bytes, table: str) -> list[tuple[str, object]]:
-    """("touched", (what, deleted elements or None)) for each message about `table` (family inet), ("queue",
-    what) for each about the tables where the handshake queue rule lives, ("gen", (pid, name)) for each NEWGEN."""
+    """("touched", (what, the body of a DELSETELEM or None)) for each message about `table` (family inet),
+    ("queue", what) for each about the tables where the handshake queue rule lives, ("gen", (pid, name)) for each
+    NEWGEN. Deleted elements are decoded (deleted_elements) only for transactions of others: the NEWGEN that
+    names the process ends the transaction, and most are gatewayd's own (a release per batch)."""
     out: list[tuple[str, object]] = []
     for kind, body in messages(data):
         if kind >> 8 != NFNL_SUBSYS_NFTABLES or len(body) < 4:
@@ -85,7 +87,7 @@ def decode(data: bytes, table: str) -> list[tuple[str, object]]:
         elif msg in OBJECT_MESSAGES and family == NFPROTO_INET:
             name = found.get(TABLE_ATTR, b"").split(b"\0", 1)[0].decode(errors="replace")
             if name == table:
-                deleted = deleted_elements(body[4:]) if msg == NFT_MSG_DELSETELEM else None
+                deleted = body[4:] if msg == NFT_MSG_DELSETELEM else None
                 out.append(("touched", (WHAT.get(msg, f"message {msg}"), deleted)))
             elif name == f"{table}_queue":
                 out.append(("queue", WHAT.get(msg, f"message {msg}")))
@@ -109,9 +111,10 @@ class NftMonitor:
                                  rcvbuf=4 << 20)
         self._touched: dict[str, int] = {}
         """What the transaction under way did to our table, and how many times."""
-        self._deleted: dict[str, set[str]] = {}
+        self._deleted: list[bytes] = []
+        """The DELSETELEM bodies of the transaction under way (decoded if it is not ours)."""
         self._precise = True
-        """The transaction under way only deleted elements whose addresses are known (in _deleted)."""
+        """The transaction under way only deleted elements (listed in _deleted)."""
         self._own: set[int] = {os.getpid()}
 
     async def start(self) -> None:
@@ -125,7 +128,7 @@ class NftMonitor:
     def _lost(self, exc: OSError) -> None:
         # ENOBUFS: notifications were lost; only a full comparison can tell what changed.
         log.warning("nftables notifications lost (%s): verifying the table", exc)
-        self._touched, self._deleted, self._precise = {}, {}, True
+        self._touched, self._deleted, self._precise = {}, [], True
         self.on_drift("notifications lost", None)
 
     def _received(self, data: bytes) -> None:
@@ -140,8 +143,7 @@ class NftMonitor:
                 if deleted is None:
                     self._precise = False
                 elif self._precise:
-                    name, prefixes = deleted
-                    self._deleted.setdefault(name, set()).update(prefixes)
+                    self._deleted.append(deleted)
                 continue
             pid, name = value
             if self._touched and pid not in self._own:
@@ -149,10 +151,21 @@ class NftMonitor:
                 if self._touched.keys() <= RULES_ONLY:
                     scope: dict[str, set[str]] | None = {RULES: set()}
                 else:
-                    scope = self._deleted if self._precise else None
+                    scope = self._deleted_scope() if self._precise else None
                 self.on_drift(f"{name or 'unknown'} (pid {pid}) {done}", scope)
             if self._queue_touched and self.on_queue_rule is not None:
                 # Our own iptables-nft calls land here too (another process): checking then finds nothing to do.
                 self.on_queue_rule(f"{name or 'unknown'} (pid {pid})")
-            self._touched, self._deleted, self._precise = {}, {}, True
+            self._touched, self._deleted, self._precise = {}, [], True
             self._queue_touched = False
+
+    def _deleted_scope(self) -> dict[str, set[str]] | None:
+        """The elements the transaction deleted, by set; None if one message cannot be read as such."""
+        scope: dict[str, set[str]] = {}
+        for body in self._deleted:
+            deleted = deleted_elements(body)
+            if deleted is None:
+                return None
+            name, prefixes = deleted
+            scope.setdefault(name, set()).update(prefixes)
+        return scope

@@ -93,7 +93,7 @@ class TeamPolicy:
         return frozenset(kinds)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Member:
     member_id: str
     """Member id."""
@@ -111,10 +111,17 @@ class Member:
     """The proof kinds the enrolled factors can give (derived)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "means", frozenset(FACTOR_PROVES[f] for f in self.factors))
+        means = _MEANS.get(self.factors)
+        if means is None:
+            means = _MEANS[self.factors] = frozenset(FACTOR_PROVES[f] for f in self.factors)
+        object.__setattr__(self, "means", means)
 
 
-@dataclass(kw_only=True)
+_MEANS: dict[frozenset[Factor], frozenset[ProofKind]] = {}
+"""The proof kinds of each set of factors (at most eight sets): computed once, shared by every member."""
+
+
+@dataclass(kw_only=True, slots=True)
 class Peer:
     """One WireGuard peer as the core tracks it. Mutated only by `core.state`."""
 
@@ -181,7 +188,7 @@ class Peer:
         return self.state in (PeerState.QUARANTINED, PeerState.LOCKED)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class PeerRecord:
     """The persisted part of a Peer."""
 
@@ -207,3 +214,5 @@ class PeerRecord:
     """The demand is a step-up."""
     admitted_at: float | None = None
     """When the peer was admitted without a proof."""
+    endpoint: str | None = None
+    """Last underlay endpoint seen (so that a restart does not report every peer's endpoint as changed)."""

@@ -191,6 +191,7 @@ class GatewayState:
                 session_live=now is not None and rec.last_handshake is not None
                 and now < rec.last_handshake + REJECT_AFTER_TIME,
                 step_up=rec.step_up,
+                endpoint=rec.endpoint,
                 # Assumed still configured until the first read of the interface says otherwise.
                 present=bool(rec.allowed_ips),
             )
@@ -210,6 +211,11 @@ class GatewayState:
     def enforced_prefixes(self) -> set[str]:
         """Every prefix that belongs in the quarantine sets now."""
         return {p for peer in self.peers.values() if peer.enforced for p in peer.allowed_ips}
+
+    def team_prefixes(self, team_id: str) -> list[str]:
+        """The tunnel prefixes of the configured peers of a team's members (what a team Disconnect quarantines)."""
+        return [p for m in self.members.values() if m.team_id == team_id for k in m.peers
+                if (peer := self.peers.get(k)) is not None and peer.present for p in peer.allowed_ips]
 
     def peer_for_address(self, address: str) -> Peer | None:
         """The configured peer whose allowed IPs contain `address` (a tunnel source address)."""
@@ -458,6 +464,8 @@ class GatewayState:
             return
         old, peer.endpoint = peer.endpoint, e.endpoint
         out.append(self._publish("endpoint.changed", peer, old=old, new=e.endpoint))
+        if peer.state is not None:
+            out.append(self._save(peer))
 
     def _end_session(self, peer: Peer, now: float, out: list[Command]) -> None:
         peer.session_live = False
@@ -769,4 +777,5 @@ def record_of(peer: Peer) -> PeerRecord:
         session_started_at=peer.session_started_at,
         last_handshake=peer.last_handshake,
         step_up=peer.step_up,
+        endpoint=peer.endpoint,
     )

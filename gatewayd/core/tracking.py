@@ -22,7 +22,7 @@ class Traffic:
         return f"Traffic(rx_bytes={self.rx_bytes}, tx_bytes={self.tx_bytes})"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class PeerSnapshot:
     public_key: str
     """WireGuard public key, canonical base64."""

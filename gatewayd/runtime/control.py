@@ -187,6 +187,9 @@ class Disconnect:
                 raise Refused(Status.FAILED_PRECONDITION,
                               "idempotency key was used for a different request", field="idempotency_key")
             return DisconnectResult(outcome=_outcome_from_json(seen["outcome"]), replayed=True)
+        if self.team_id is not None:
+            # A whole team: its prefixes go into nftables first, the per-peer bookkeeping follows.
+            await b.quarantine_now(b.core.team_prefixes(self.team_id))
         outcome = b.ask(b.core.disconnect, ev.DisconnectRequested(
             member_id=self.member_id, public_key=self.public_key, team_id=self.team_id, reason=self.reason))
         await b.state.save_idempotent_response(self.idempotency_key, {

@@ -68,9 +68,10 @@ class Batch:
     """What the jobs of one batch see and produce: the core, the state store and the outbox inside the open
     transaction, the batch's `now`, and the commands the core returned."""
 
-    def __init__(self, core: GatewayState, state: StateStore, outbox: Outbox, now: float, settings: JobSettings
-                 ) -> None:
+    def __init__(self, core: GatewayState, state: StateStore, outbox: Outbox, now: float, settings: JobSettings,
+                 enforcer: Enforcer | None = None) -> None:
         self.core, self.state, self.outbox, self.now, self.settings = core, state, outbox, now, settings
+        self._enforcer = enforcer
         self.commands: list[Command] = []
         self.fed = 0
         """Events handed to the core so far (a refusal must come before the first)."""
@@ -89,6 +90,22 @@ class Batch:
 
     def publish(self, type_: str, subject: str, **data: Any) -> None:
         self.commands.append(Publish(type=type_, subject=subject, data=data))
+
+    async def quarantine_now(self, prefixes: Iterable[str]) -> None:
+        """Put prefixes into the quarantine sets at once, before the job's bookkeeping (a team Disconnect of
+        100,000 peers is enforced in one transaction, not after seconds of per-peer work). Only ever tightens,
+        so it needs no commit first: if the batch is given up, the reconcile that follows takes back what the
+        store does not hold. A failure here is left to the batch's own tightening, which reports it."""
+        if self._enforcer is None:
+            return
+        held = self._enforcer.quarantined()
+        missing = [p for p in prefixes if p not in held]
+        if not missing:
+            return
+        try:
+            await self._enforcer.apply(SetChange(quarantine=missing))
+        except Exception as exc:
+            log.warning("early quarantine of %d prefixes failed (retried with the batch): %s", len(missing), exc)
 
 
 @runtime_checkable
@@ -234,7 +251,7 @@ class Driver:
     async def process(self, queued: list[_Queued[Any]]) -> None:
         started = time.perf_counter()
         now = self.clock()
-        batch = Batch(self.core, self.store.state, self.store.outbox, now, self.settings)
+        batch = Batch(self.core, self.store.state, self.store.outbox, now, self.settings, self.enforcer)
         results: list[tuple[asyncio.Future[Any], BaseException | None, Any]] = []
         await self.store.begin()
         try:

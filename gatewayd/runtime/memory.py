@@ -10,9 +10,11 @@ collections walk only objects created since. Collected first, so no garbage is f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,22 @@ def freeze_long_lived() -> int:
     return frozen
 
 
-async def freeze_when_ready(ready: asyncio.Event) -> None:
-    await ready.wait()
-    freeze_long_lived()
+async def freeze_when_ready(*stages: asyncio.Event) -> None:
+    """Freeze once each stage is reached (READY; then the first read of the interface, which adds a snapshot
+    per peer)."""
+    for stage in stages:
+        await stage.wait()
+        freeze_long_lived()
+
+
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """No garbage collection while a bulk load builds objects that all stay alive: at 100,000 peers the
+    collections it would trigger (each walking everything built so far) cost more than the load itself."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

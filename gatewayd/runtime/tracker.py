@@ -58,10 +58,9 @@ class Tracker:
         self.interface = interface
         self._configured_interval = poll_interval
         self.clock = clock
-        self._baseline: dict[str, PeerSnapshot] = {}
         self._read: dict[str, PeerSnapshot] | None = None
         self._rebase = False
-        """Diff the next read against _baseline (what the core knows) rather than the previous read."""
+        """Diff the next read against what the core knows rather than against the previous read."""
         driver.on_core_rebuilt.append(self.rebase)
         self.last_poll: float | None = None
         self.read_seconds = 0.0
@@ -71,18 +70,23 @@ class Tracker:
         self.after_read: list[Callable[[], Awaitable[None]]] = []
         """Called after each successful read (e.g. to follow the interface's key and port)."""
 
-    def seed(self, baseline: Mapping[str, PeerSnapshot]) -> None:
-        """What the store says was on the interface: the first read is compared with it, so that peers gone
-        meanwhile are unconfigured. It is never used as a peer's configuration."""
-        self._baseline = dict(baseline)
-
     def rebase(self) -> None:
-        """The core was rebuilt from the store: compare the next read with what the core now knows."""
-        self._baseline = {
-            k: PeerSnapshot(public_key=k, endpoint=p.endpoint, allowed_ips=p.allowed_ips,
-                            last_handshake=p.last_handshake, keepalive=0)
-            for k, p in self.driver.core.peers.items() if p.present}
+        """Compare the next read with what the core knows (at start-up: what the store says was on the interface,
+        so that peers gone meanwhile are unconfigured; after the core was rebuilt from the store: the same).
+        The baseline is taken when that read arrives; it is never used as a peer's configuration."""
         self._rebase = True
+
+    async def _core_baseline(self, pause: Pause) -> dict[str, PeerSnapshot]:
+        """The configured peers as the core knows them, built in slices (100,000 peers take ~0.5 s)."""
+        baseline: dict[str, PeerSnapshot] = {}
+        slices = Slices(pause)
+        for count, (key, peer) in enumerate(list(self.driver.core.peers.items()), 1):
+            if peer.present:
+                baseline[key] = PeerSnapshot(public_key=key, endpoint=peer.endpoint, allowed_ips=peer.allowed_ips,
+                                             last_handshake=peer.last_handshake, keepalive=0)
+            if count & 63 == 0 and slices.due():
+                await slices.pause()
+        return baseline
 
     @property
     def has_read(self) -> bool:
@@ -102,7 +106,8 @@ class Tracker:
         latest = self.source.read_seconds
         self.read_seconds = latest if not self.read_seconds else 0.7 * self.read_seconds + 0.3 * latest
         read_before, rebase = self._read, self._rebase or self._read is None
-        events = await diff_in_slices(self._baseline if rebase else read_before or {}, snapshot, quiet)
+        old = await self._core_baseline(quiet) if rebase else read_before or {}
+        events = await diff_in_slices(old, snapshot, quiet)
         first = read_before is None
         self._read, self._rebase = dict(snapshot), False
         self.metrics.poll_seconds.observe(time.perf_counter() - started)

@@ -92,6 +92,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE peers ADD COLUMN admitted_at REAL;
     ALTER TABLE backup_sets ADD COLUMN before_reset INTEGER NOT NULL DEFAULT 0;
     """,
+    # 5: a peer's last endpoint (a restart compares the first read with it)
+    """
+    ALTER TABLE peers ADD COLUMN endpoint TEXT;
+    """,
 ]
 
 
