@@ -128,3 +128,61 @@ async def test_a_write_lock_held_by_another_process_is_waited_for_off_the_event_
         release.join()
         other.close()
         await store.close()
+
+
+async def test_the_set_based_load_gives_each_member_the_factors_its_rows_show(tmp_path: Path) -> None:
+    """load() reads factors with one query per kind for all members; factors() asks for one member: they agree,
+    including a member whose backup codes are all used (no BACKUP_CODE) and one with nothing enrolled."""
+    from gatewayd.auth.backup import KdfParams
+    from gatewayd.core.model import Factor
+    from gatewayd.ports import DeviceCredential
+
+    store = await opened(tmp_path / "s.db", os.urandom(32))
+    await store.begin()
+    params = KdfParams(salt=b"s" * 16, n=2, r=1, p=1, dklen=32)
+    for member in ("totp", "backup", "used-up", "device", "all", "none"):
+        await store.state.save_member(member, "t", Role.MEMBER, [])
+    for member in ("totp", "all"):
+        await store.state.save_totp(member, "active", TotpFactor(secret=SECRET))
+    for member in ("backup", "used-up", "all"):
+        await store.state.replace_backup_set(member, params, [b"h1", b"h2"])
+    for index in (0, 1):
+        assert await store.state.consume_backup_code("used-up", index, 1.0)
+    for member in ("device", "all"):
+        await store.state.replace_device_credentials(member, [DeviceCredential(
+            credential_id=member.encode(), cose_public_key=b"k", sign_count=0, user_handle=b"u")])
+    await store.commit()
+    _, members, _ = await store.load()
+    loaded = {m.member_id: m.factors for m in members}
+    assert loaded == {
+        "totp": {Factor.TOTP}, "backup": {Factor.BACKUP_CODE}, "used-up": set(), "device": {Factor.DEVICE},
+        "all": {Factor.TOTP, Factor.BACKUP_CODE, Factor.DEVICE}, "none": set()}
+    for member, factors in loaded.items():
+        assert await store.state.factors(member) == factors
+    await store.close()
+
+
+async def test_a_peer_record_round_trips_with_its_endpoint_and_unusual_prefixes(tmp_path: Path) -> None:
+    from gatewayd.core.model import LockedReason, PeerRecord, PeerState, ProofKind
+
+    store = await opened(tmp_path / "s.db", os.urandom(32))
+    records = [
+        PeerRecord(public_key="a", state=PeerState.QUARANTINED, owes=frozenset({ProofKind.OTP, ProofKind.DEVICE}),
+                   owes_since=1.5, proven_at=None, locked_reason=None, allowed_ips=("10.0.0.1/32",),
+                   session_started_at=2.0, last_handshake=3.0, step_up=True, admitted_at=None,
+                   endpoint="[2001:db8::1]:51820"),
+        PeerRecord(public_key="b", state=PeerState.LOCKED, owes=frozenset(), owes_since=None, proven_at=4.0,
+                   locked_reason=next(iter(LockedReason)), allowed_ips=("10.0.1.0/24", "fd00::1/128"),
+                   session_started_at=None, last_handshake=None, step_up=False, admitted_at=5.0, endpoint=None),
+        PeerRecord(public_key="c", state=PeerState.AUTHORIZED, owes=frozenset(), owes_since=None, proven_at=None,
+                   locked_reason=None, allowed_ips=(), session_started_at=None, last_handshake=None,
+                   step_up=False, admitted_at=None, endpoint="192.0.2.7:1"),
+    ]
+    await store.begin()
+    await store.state.save_peers(records)
+    await store.commit()
+    await store.close()
+    store = await opened(tmp_path / "s.db", os.urandom(32))
+    _, _, loaded = await store.load()
+    assert sorted(loaded, key=lambda r: r.public_key) == records
+    await store.close()

@@ -220,3 +220,58 @@ async def test_uapi_reads_thousands_of_peers() -> None:
         key = next(iter(first))
         assert changed[key].keepalive == 7 and changed[key] is not first[key]
         assert sum(changed[k] is first[k] for k in first) == 1999
+
+
+async def test_the_identity_is_read_without_reading_every_peer(tmp_path: Path) -> None:
+    """identity() hangs up after the device lines: a device whose peer list never ends still answers it; a
+    device without peers, or one that refuses, answers as a whole."""
+    sock = tmp_path / "wg0.sock"
+    sent = 0
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        await reader.readuntil(b"\n\n")
+        writer.write(f"private_key={'11' * 32}\nlisten_port=51821\n".encode())
+        try:
+            while True:  # until the client hangs up
+                writer.write(f"public_key={sent:064x}\nallowed_ip=10.0.0.1/32\n".encode() * 100)
+                sent += 100
+                await writer.drain()
+        except (ConnectionError, OSError):
+            writer.close()
+
+    server = await asyncio.start_unix_server(endless, path=str(sock))
+    try:
+        identity = await asyncio.wait_for(UapiWireGuard(sock).identity(), 10)
+    finally:
+        server.close()
+    assert identity == InterfaceIdentity(private_key=b"\x11" * 32, listen_port=51821)
+    sock.unlink()
+    for answer, expected in ((f"private_key={'11' * 32}\nlisten_port=7\nerrno=0\n\n",
+                              InterfaceIdentity(private_key=b"\x11" * 32, listen_port=7)),
+                             (f"private_key={'00' * 32}\nlisten_port=7\nerrno=0\n\n", None)):
+        async def once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, text: str = answer) -> None:
+            await reader.readuntil(b"\n\n")
+            writer.write(text.encode())
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(once, path=str(sock))
+        try:
+            assert await UapiWireGuard(sock).identity() == expected
+        finally:
+            server.close()
+            sock.unlink()
+
+    async def refusing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\n\n")
+        writer.write(b"errno=1\n\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(refusing, path=str(sock))
+    try:
+        with pytest.raises(OSError, match="errno=1"):
+            await UapiWireGuard(sock).identity()
+    finally:
+        server.close()
