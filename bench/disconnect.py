@@ -152,7 +152,17 @@ def fresh_daemon(lab: Lab, gateway: LabGateway | None, keys: list[str], poll_int
     gw = LabGateway(lab, wireguard={"poll_interval": poll_interval or POLL_INTERVAL})
     gw.start(timeout=120)
     asyncio.run(enroll_all(lab.workdir / "control.sock", keys))
-    return gw
+    # The first read of the interface comes after READY and gives way to calls: wait until it decided every
+    # peer (each is tracked), so that what follows measures Disconnects of peers gatewayd knows.
+    deadline = time.monotonic() + 120
+    while True:
+        out = subprocess.run(["ip", "netns", "exec", lab.gw_ns, "nft", "-j", "list", "set", "inet", "gatewayd",
+                              "tracked4"], capture_output=True, text=True, check=True).stdout
+        if sum(len(i["set"].get("elem", [])) for i in json.loads(out)["nftables"] if "set" in i) >= len(keys):
+            return gw
+        if time.monotonic() > deadline:
+            raise RuntimeError("gatewayd did not decide every peer within 120 s")
+        time.sleep(0.1)
 
 
 def busy_answers(answer: bytes, polls: int) -> list[bytes]:
