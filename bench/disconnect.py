@@ -19,7 +19,6 @@ import asyncio
 import base64
 import json
 import os
-import platform
 import random
 import re
 import resource
@@ -36,6 +35,7 @@ from typing import Any
 import grpc
 import nftables
 
+from bench.common import is_root, write_report
 from gatewayd.adapters.wireguard.uapi import UapiWireGuard
 from gatewayd.core.tracking import Snapshot, diff
 from gatewayd.lab.gateway import LabGateway
@@ -402,18 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     global POLL_INTERVAL
     POLL_INTERVAL = args.poll_interval
-    if os.geteuid() != 0:
-        print("the benchmark needs root (network namespaces, nftables, wireguard-go)", file=sys.stderr)
+    if not is_root():
         return 1
-    report: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count()},
+    write_report(args.out, {
         "poll_interval": args.poll_interval,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "scales": [run_scale(int(n), args.calls, args.baseline_calls) for n in args.peers.split(",")],
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    })
     return 0
 
 

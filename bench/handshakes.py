@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import os
-import platform
 import selectors
 import socket
 import struct
@@ -36,6 +34,7 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from bench.common import is_root, write_report
 from bench.disconnect import summary, tunnel_ip
 from gatewayd.adapters.wireguard.uapi import UapiWireGuard
 from gatewayd.lab.gateway import LabGateway
@@ -261,16 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1000.0, help="initiations per second")
     parser.add_argument("--out", type=Path, default=Path("bench/handshakes.json"))
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("the benchmark needs root (network namespaces, nftables, wireguard-go)", file=sys.stderr)
+    if not is_root():
         return 1
-    report = {
-        "machine": {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count()},
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **run(args.peers, args.rate),
-    }
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    write_report(args.out, run(args.peers, args.rate))
     return 0
 
 

@@ -23,7 +23,6 @@ import base64
 import json
 import multiprocessing
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import grpc
 import pyotp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.common import Spy, is_root, write_report
 from bench.disconnect import summary, tunnel_ip
 from gatewayd.lab.gateway import LabGateway
 from gatewayd.lab.netlab import UAPI_DIR, Lab, run
@@ -274,17 +274,9 @@ def run_bench(n: int, profile: Path | None) -> dict[str, Any]:
             out["quarantined_before"] = quarantined(lab.gw_ns)
             members = list(enumerate(secrets))
             out["grpc_baseline"] = prove(clients, members, 64, gw, call="health")
-            spy = None
-            if profile is not None:
-                assert gw.proc is not None
-                spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
-                                        str(gw.proc.pid), "--format", "raw", "--output", str(profile), "--rate", "1000",
-                                        "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(1)
-            runs = [prove(clients, members, 64, gw)]
-            if spy is not None:
-                spy.send_signal(2)
-                spy.wait(60)
+            with Spy(lambda: gw.proc.pid if gw.proc else None, profile, rate=1000):
+                time.sleep(1 if profile else 0)
+                runs = [prove(clients, members, 64, gw)]
             out["quarantined_after_c64"] = quarantined(lab.gw_ns)
             for concurrency, count in ((16, min(n, 2000)), (1, min(n, 300))):
                 asyncio.run(disconnect_team(lab.workdir / "control.sock"))
@@ -308,16 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, help="py-spy raw (collapsed) stacks of the c64 run to this file")
     parser.add_argument("--out", type=Path, default=Path("bench/proofs.json"))
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("the benchmark needs root (network namespaces, nftables, wireguard-go)", file=sys.stderr)
+    if not is_root():
         return 1
-    report = {
-        "machine": {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count()},
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **run_bench(args.members, args.profile),
-    }
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    write_report(args.out, run_bench(args.members, args.profile))
     return 0
 
 

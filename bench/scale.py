@@ -26,7 +26,6 @@ import base64
 import contextlib
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from bench.common import Spy, is_root, write_report
 from bench.disconnect import tunnel_ip
 from gatewayd.lab.gateway import LabGateway
 from gatewayd.lab.netlab import Lab, run
@@ -222,37 +222,6 @@ def heap_per_peer(n: int) -> dict[str, float]:
     return {"peers": n, "core_and_one_snapshot_bytes_per_peer": core_bytes / n}
 
 
-class Spy:
-    """py-spy on the daemon from the moment it is spawned (start-up included), raw collapsed stacks to a file."""
-
-    def __init__(self, gw: LabGateway, output: Path | None) -> None:
-        self.gw, self.output = gw, output
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._thread = threading.Thread(target=self._attach, daemon=True)
-
-    def __enter__(self) -> Spy:
-        if self.output is not None:
-            self._thread.start()
-        return self
-
-    def _attach(self) -> None:
-        deadline = time.monotonic() + 30
-        while self.gw.proc is None and time.monotonic() < deadline:
-            time.sleep(0.001)
-        if self.gw.proc is not None:
-            self.proc = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
-                                          str(self.gw.proc.pid), "--format", "raw", "--output", str(self.output),
-                                          "--rate", "250", "--nonblocking"],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.output is not None:
-            self._thread.join(30)
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGINT)
-            self.proc.wait(60)
-
-
 def run_bench(n: int, profile: Path | None = None) -> dict[str, Any]:
     lab = Lab(peers_wanted=0)
     out: dict[str, Any] = {"peers": n}
@@ -288,7 +257,7 @@ def run_bench(n: int, profile: Path | None = None) -> dict[str, Any]:
         out["rss_mb_after_first_start"] = rss_mb(gw.proc.pid)
         out["tracked_after_first_start"] = quarantined_count(ns, "tracked4")
         gw.stop()
-        with Spy(gw, profile and profile.with_suffix(".start.raw")):
+        with Spy(lambda: gw.proc.pid if gw.proc else None, profile and profile.with_suffix(".start.raw")):
             started = time.monotonic()
             out["restart_ready_seconds"] = gw.start(timeout=600)
         time.sleep(5)  # the first read after READY
@@ -296,7 +265,7 @@ def run_bench(n: int, profile: Path | None = None) -> dict[str, Any]:
         out["rss_mb_after_restart"] = rss_mb(gw.proc.pid)
         out["quarantined_before_disconnect"] = quarantined_count(ns)
         out["tracked_after_restart"] = quarantined_count(ns, "tracked4")
-        with Spy(gw, profile and profile.with_suffix(".disconnect.raw")):
+        with Spy(lambda: gw.proc.pid if gw.proc else None, profile and profile.with_suffix(".disconnect.raw")):
             time.sleep(1 if profile else 0)
             watch = Enforced(ns, tunnel_ip(n - 1))
             watch.start()
@@ -337,16 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, help="py-spy raw stacks of the restart and the team Disconnect: "
                         "<profile>.start.raw, <profile>.disconnect.raw")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("the benchmark needs root (network namespaces, nftables)", file=sys.stderr)
+    if not is_root():
         return 1
-    report = {
-        "machine": {"python": platform.python_version(), "kernel": platform.release(), "cpus": os.cpu_count()},
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **run_bench(args.peers, args.profile),
-    }
-    args.out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    write_report(args.out, run_bench(args.peers, args.profile))
     return 0
 
 

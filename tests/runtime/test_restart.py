@@ -7,6 +7,7 @@ import asyncio
 import json
 from pathlib import Path
 
+from gatewayd.config import Config
 from gatewayd.core.model import PeerState
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.daemon import Adapters, Daemon
@@ -21,12 +22,16 @@ def _endpoint_events(rows: list[StoredEvent]) -> list[tuple[str, str]]:
     return [(r.subject, r.data_json) for r in rows if r.type == "endpoint.changed"]
 
 
-async def test_a_restart_reports_only_endpoints_that_changed_while_it_was_down(tmp_path: Path) -> None:
+def _two_peers(tmp_path: Path) -> tuple[Authority, Config, MemorySource]:
     ca = Authority("ca")
-    config = config_for(tmp_path, ca)
     source = MemorySource()
     source.add(key(1), "10.100.0.1/32")
     source.add(key(2), "10.100.0.2/32")
+    return ca, config_for(tmp_path, ca), source
+
+
+async def test_a_restart_reports_only_endpoints_that_changed_while_it_was_down(tmp_path: Path) -> None:
+    ca, config, source = _two_peers(tmp_path)
     h = await start(tmp_path, ca, config, source=source)
     try:
         await h.enroll("m1", (key(1),))
@@ -67,11 +72,7 @@ class HeldSource(MemorySource):
 
 
 async def test_ready_comes_before_the_first_read_and_the_store_is_enforced_meanwhile(tmp_path: Path) -> None:
-    ca = Authority("ca")
-    config = config_for(tmp_path, ca)
-    source = MemorySource()
-    source.add(key(1), "10.100.0.1/32")
-    source.add(key(2), "10.100.0.2/32")
+    ca, config, source = _two_peers(tmp_path)
     h = await start(tmp_path, ca, config, source=source)
     try:
         await h.policy(totp=True)
