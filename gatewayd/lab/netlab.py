@@ -201,7 +201,10 @@ class Lab:
 
     def restart_client(self, peer: LabPeer, *, keepalive: int = 25) -> None:
         """What a client restart leaves: the same key and port, no session keys (the gateway peer is removed
-        and added again on the client's interface). Its next packet starts a handshake."""
+        and added again on the client's interface). Its next packet starts a handshake.
+        Handshake times have a resolution of one second (`wg show`): the restart waits until a second has passed
+        since the latest handshake, so that the next one reads as later (`wait_handshake(after=...)`)."""
+        time.sleep(max(0.0, self.handshake_of(peer) + 1.05 - time.time()))
         run("wg", "set", peer.iface, "peer", self.gw_public, "remove", ns=peer.ns)
         self._client_peer(peer, keepalive=keepalive)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ipaddress
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -56,7 +57,7 @@ def decode_device(messages: Iterable[Any]) -> dict[str, PeerSnapshot]:
             items = peer if isinstance(peer, list) else [peer]
             for p in items:
                 key = p.get_attr("WGPEER_A_PUBLIC_KEY")
-                key = key.decode() if isinstance(key, bytes) else key
+                key = sys.intern(key.decode() if isinstance(key, bytes) else key)  # as adapters/wireguard/uapi.py
                 hs = p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
                 when = hs["tv_sec"] + hs["tv_nsec"] / 1e9 if hs and hs["tv_sec"] else None
                 allowed = tuple(str(ipaddress.ip_network(a["addr"], strict=False))
