@@ -224,14 +224,16 @@ class Daemon:
         await self.store.open(init=self.init_store)
         if self.adapters.flows is not None:
             await self.adapters.flows.start()
+        if self.adapters.monitor is not None:
+            # Listening before the kernel is first read: a change made by someone else from then on is noticed.
+            self.monitor = self.adapters.monitor(self.guard.drift, self._queue_rule_touched)
+            await self.monitor.start()
+            # The table is read for the reconcile (below) while the store loads.
+            self.adapters.enforcer.prefetch()
         with collection_paused():
             teams, members, records = await self.store.load()
             self.core.restore(teams, members, records, now=self.clock())
             del teams, members, records
-        if self.adapters.monitor is not None:
-            # Listening before the first reconcile: a change made by someone else from then on is noticed.
-            self.monitor = self.adapters.monitor(self.guard.drift, self._queue_rule_touched)
-            await self.monitor.start()
         if self.handshakes is not None and self.adapters.source is not None:
             # Bound before anything is sent to it: initiations wait here (not dropped) until the driver runs,
             # after the reconcile. The interface's key and port come first, so that the reconcile writes the

@@ -42,6 +42,12 @@ class Enforcer(Protocol):
         transaction; returns what differed, in words (empty: the kernel already held them)."""
         ...
 
+    def prefetch(self) -> None:
+        """Begin reading the kernel's current state for the next reconcile, in the background (at start-up, while
+        the store loads: a listing of 200,000 elements takes most of a second). Only once the nftables monitor
+        listens: a change made after this read is then reported and repaired by the guard."""
+        ...
+
     async def verify(self, quarantined: Collection[str], tracked: Collection[str]) -> list[str]:
         """What differs between the kernel and these sets, in words; changes nothing, and does not hold up the
         writes (a listing of 20,000 elements takes a quarter of a second)."""

@@ -32,6 +32,7 @@ class MemoryEnforcer:
         self.tracked_: set[str] = set()
         self.transactions: list[SetChange] = []
         self.reconciles = 0
+        self.prefetched = False
         self.fail_next = False
         self.handshake: HandshakeRules | None = None
 
@@ -42,6 +43,9 @@ class MemoryEnforcer:
                    if held != want]
         self.held, self.tracked_ = set(quarantined), set(tracked)
         return changes
+
+    def prefetch(self) -> None:
+        self.prefetched = True
 
     async def verify(self, quarantined: Collection[str], tracked: Collection[str]) -> list[str]:
         return [f"{kind} differed" for kind, held, want in (("quarantine", self.held, set(quarantined)),

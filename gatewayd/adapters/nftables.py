@@ -96,6 +96,7 @@ class NftEnforcer:
         self._reader_nft.set_handle_output(False)
         self._reader_lock = threading.Lock()
         self._handshake: HandshakeRules | None = None
+        self._prefetched: asyncio.Future[tuple[list[dict[str, Any]], dict[str, set[str]]] | None] | None = None
 
     # ---- the table --------------------------------------------------------------------------------
 
@@ -325,10 +326,14 @@ class NftEnforcer:
         return [change for kind, prefixes in desired.items()
                 for change in _describe(kind, prefixes - current[1][kind], current[1][kind] - prefixes)]
 
+    def prefetch(self) -> None:
+        self._prefetched = asyncio.ensure_future(asyncio.to_thread(self._current, reader=True))
+
     async def reconcile(self, quarantined: Collection[str], tracked: Collection[str]) -> list[str]:
         desired = {"quarantine": {_normalize(p) for p in quarantined},
                    "tracked": {_normalize(p) for p in tracked}}
-        current = self._current()
+        prefetched, self._prefetched = self._prefetched, None
+        current = await prefetched if prefetched is not None else self._current()
         if current is None or current[0] != self._structure():
             # (Re)build the whole table and its elements in one transaction: no moment without it.
             table = {"table": {"family": FAMILY, "name": self.table}}

@@ -75,3 +75,26 @@ async def test_apply_is_one_transaction_and_idempotent() -> None:
         assert len(elements(ns, "quarantine4")) == 1000
         assert "10.250.0.1" not in elements(ns, "quarantine4")
         assert elements(ns, "tracked4") == {p.removesuffix("/32") for p in many[5:10]}
+
+
+async def test_a_prefetched_reading_serves_the_next_reconcile_once() -> None:
+    """At start-up the table is read while the store loads (prefetch); the reconcile then works from that reading
+    and repairs what it showed. What changes after the reading is the monitor's and the guard's to repair: the
+    reconcile after that reads the kernel again."""
+    with namespace() as ns:
+        with inside(ns):
+            enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+            await enforcer.reconcile({"10.0.0.2/32", "10.0.0.3/32"}, {"10.0.0.2/32"})
+        nft(ns, "delete", "element", "inet", "gatewayd", "quarantine4", "{ 10.0.0.3 }")
+        with inside(ns):
+            fresh = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+            fresh.prefetch()
+            # (the reading is under way or done; a change made now is not in it)
+            changes = await fresh.reconcile({"10.0.0.2/32", "10.0.0.3/32"}, {"10.0.0.2/32"})
+            assert changes and "missing from the quarantine sets (10.0.0.3/32)" in changes[0]
+        assert elements(ns, "quarantine4") == {"10.0.0.2", "10.0.0.3"}
+        nft(ns, "delete", "element", "inet", "gatewayd", "quarantine4", "{ 10.0.0.2 }")
+        with inside(ns):
+            # No prefetch pending: the kernel is read afresh.
+            assert await fresh.reconcile({"10.0.0.2/32", "10.0.0.3/32"}, {"10.0.0.2/32"})
+        assert elements(ns, "quarantine4") == {"10.0.0.2", "10.0.0.3"}
