@@ -143,10 +143,7 @@ class UapiWireGuard:
             parts = (rest + chunk).split(b"\npublic_key=")
             rest = parts.pop()
             blocks += parts
-        body, _, status = rest.rpartition(b"errno=")
-        if status.strip() != b"0":
-            raise UapiError(f"UAPI get failed with errno={status.strip().decode(errors='replace')}")
-        blocks.append(body.rstrip(b"\n"))
+        blocks.append(_without_status(rest).rstrip(b"\n"))
         return blocks
 
     async def read(self, pause: Pause = no_pause) -> dict[str, PeerSnapshot]:
@@ -179,19 +176,22 @@ class UapiWireGuard:
                 head += chunk
                 if b"\npublic_key=" in head or b"errno=" in head:
                     break
-            device = head.split(b"\npublic_key=", 1)[0]
-            if b"\npublic_key=" not in head:
-                body, _, status = device.rpartition(b"errno=")
-                if status.strip() != b"0":
-                    raise UapiError(f"UAPI get failed with errno={status.strip().decode(errors='replace')}")
-                device = body
-            self._identity = device_identity(device)
+            device, peers, _ = head.partition(b"\npublic_key=")
+            self._identity = device_identity(device if peers else _without_status(device))
         return self._identity
 
     async def reset_sessions(self, peers: Sequence[PeerSnapshot]) -> None:
         answer = await self._exchange(reset_request(peers))
         if answer.strip() != "errno=0":
             raise UapiError(f"UAPI set failed: {answer.strip()}")
+
+
+def _without_status(answer: bytes) -> bytes:
+    """A "get=1" answer (or its end) without its closing "errno=N" line; UapiError unless N is 0."""
+    body, _, status = answer.rpartition(b"errno=")
+    if status.strip() != b"0":
+        raise UapiError(f"UAPI get failed with errno={status.strip().decode(errors='replace')}")
+    return body
 
 
 def device_identity(device: bytes) -> InterfaceIdentity | None:
