@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SYSTEM_PACKAGES := nftables libnftables1 wireguard-go wireguard-tools mosquitto mosquitto-clients \
-	conntrack iproute2 systemd procps iptables
+	conntrack iproute2 systemd procps iptables etcd-server etcd-client
 
 .PHONY: test demo deps system-deps proto lint typecheck bench fuzz clean
 

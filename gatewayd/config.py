@@ -130,6 +130,8 @@ class MqttSection:
     """Broker host; empty: no broker (events go to WatchEvents and the log only)."""
     port: int = 1883
     """Broker port."""
+    brokers: list[str] = field(default_factory=list)
+    """More brokers (host:port), tried in turn after host:port when the one in use cannot be reached."""
     topic_prefix: str = "gatewayd"
     """Events go to <topic_prefix>/<gateway id>/events/<type>; status to <topic_prefix>/<gateway id>/status."""
     client_id: str = ""
@@ -155,6 +157,30 @@ class MqttSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FleetSection:
+    endpoints: list[str] = field(default_factory=list)
+    """host:port of each etcd member (IP addresses); empty (the default): no fleet, this gateway decides alone."""
+    name: str = ""
+    """The fleet's name: its ledger lives under /gatewayd/<name>/ in etcd (several fleets may share a cluster)."""
+    ca_file: Path | None = None
+    """CA bundle for the etcd members' certificates (PEM)."""
+    cert_file: Path | None = None
+    """This gateway's client certificate for etcd (PEM): its identity in the fleet."""
+    key_file: Path | None = None
+    """Its private key (PEM)."""
+    server_name: str = ""
+    """Name the etcd certificates are checked against; empty: the first endpoint's address."""
+    on_unavailable: Literal["closed", "local"] = "closed"
+    """etcd unreachable: closed refuses proofs (UNAVAILABLE) since they cannot be spent fleet-wide; local decides
+    them on this gateway's state alone (a code may then be used once per gateway). Quarantine and Disconnect
+    work locally either way."""
+    timeout: float = 2.0
+    """Seconds a ledger operation may take, retries across members included."""
+    retention_days: float = 30.0
+    """How long step-up demands and confirmed MFA resets stay in the ledger."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     """[gateway]"""
@@ -176,6 +202,8 @@ class Config:
     """[mqtt]"""
     metrics: MetricsSection = field(default_factory=MetricsSection)
     """[metrics]"""
+    fleet: FleetSection = field(default_factory=FleetSection)
+    """[fleet]: share spends, failure counts and step-up demands with other gateways through etcd"""
 
 
 METHODS = {"Disconnect", "ApplyTeamPolicy", "UpsertMember", "RemoveMember", "ResetMfa", "UnlockMfa",
@@ -321,6 +349,8 @@ def validate(cfg: Config) -> Config:
     if mq.host:
         if not 1 <= mq.port <= 65535:
             raise ConfigError("mqtt.port", "must be a port number")
+        for i, broker in enumerate(mq.brokers):
+            _host_port(f"mqtt.brokers[{i}]", broker)
         if not 1 <= mq.in_flight <= 1000:
             raise ConfigError("mqtt.in_flight", "must be 1 to 1000")
         if not 5 <= mq.keepalive <= 3600:
@@ -331,6 +361,20 @@ def validate(cfg: Config) -> Config:
             raise ConfigError("mqtt.topic_prefix", "must be a topic level without wildcards")
     if mq.max_unpublished < 1000:
         raise ConfigError("mqtt.max_unpublished", "must be at least 1000")
+    fl = cfg.fleet
+    if fl.endpoints:
+        for i, endpoint in enumerate(fl.endpoints):
+            _host_port(f"fleet.endpoints[{i}]", endpoint)
+        if not fl.name or len(fl.name) > 64 or not fl.name.replace("-", "").replace("_", "").isalnum() \
+                or not fl.name.isascii():
+            raise ConfigError("fleet.name", "must be 1-64 ASCII letters, digits, '-' or '_'")
+        for name in ("ca_file", "cert_file", "key_file"):
+            if getattr(fl, name) is None:
+                raise ConfigError(f"fleet.{name}", "is required when fleet.endpoints is set (mTLS is mandatory)")
+        if not 0.1 <= fl.timeout <= 30:
+            raise ConfigError("fleet.timeout", "must be between 0.1 and 30 seconds")
+        if not 1 <= fl.retention_days <= 3650:
+            raise ConfigError("fleet.retention_days", "must be between 1 and 3650 days")
     d = cfg.device
     if not d.rp_id or "/" in d.rp_id or ":" in d.rp_id:
         raise ConfigError("device.rp_id", "must be a domain name (no scheme, port or path)")

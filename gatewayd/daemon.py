@@ -38,8 +38,10 @@ from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.ports import (
     EnforcementMonitor,
     Enforcer,
+    FleetLedger,
     FlowTable,
     HandshakeRules,
+    LedgerUnavailable,
     PacketQueue,
     PeerSource,
     QueuedPacket,
@@ -48,6 +50,7 @@ from gatewayd.ports import (
 from gatewayd.runtime.checkpoints import Checkpointer
 from gatewayd.runtime.control import Heartbeat, MarkPublished, Note
 from gatewayd.runtime.driver import Driver, JobSettings
+from gatewayd.runtime.fleet import Fleet
 from gatewayd.runtime.guard import EnforcementGuard
 from gatewayd.runtime.handshakes import HandshakeWatch
 from gatewayd.runtime.memory import collection_paused
@@ -84,6 +87,21 @@ class Adapters:
     """Makes the queue of handshake initiations (None: sessions are seen only by reading the interface)."""
     queue_rule: QueueRule | None = None
     """The rule that sends initiations to that queue (or, with handshake detection off, the one to remove)."""
+    ledger: FleetLedger | None = None
+    """The fleet ledger ([fleet]); None: this gateway decides alone."""
+
+
+def fleet_ledger(config: Config) -> FleetLedger | None:
+    """The etcd ledger of [fleet], if configured."""
+    fl = config.fleet
+    if not fl.endpoints:
+        return None
+    from gatewayd.adapters.etcd import EtcdLedger, EtcdSettings
+
+    assert fl.ca_file is not None and fl.cert_file is not None and fl.key_file is not None
+    return EtcdLedger(EtcdSettings(endpoints=tuple(fl.endpoints), prefix=f"/gatewayd/{fl.name}/", ca_file=fl.ca_file,
+                                   cert_file=fl.cert_file, key_file=fl.key_file, server_name=fl.server_name,
+                                   timeout=fl.timeout, retain_ttl=int(fl.retention_days * 86400)))
 
 
 def kernel_adapters(config: Config) -> Adapters:
@@ -114,6 +132,7 @@ def kernel_adapters(config: Config) -> Adapters:
         flows=Conntrack(),
         watch_links=True,
         monitor=lambda on_drift, on_queue_rule: NftMonitor(config.enforcement.table, on_drift, on_queue_rule),
+        ledger=fleet_ledger(config),
     )
 
 
@@ -158,6 +177,10 @@ class Daemon:
                 await watch.follow(await source.identity())
 
             tracker.after_read.append(follow)
+        self.fleet: Fleet | None = None
+        if adapters.ledger is not None:
+            self.fleet = Fleet(adapters.ledger, gateway=config.gateway.id, mode=config.fleet.on_unavailable,
+                               policy=lambda: self.driver.settings.attempts, submit=self.driver.submit, clock=clock)
         self.checkpointer = Checkpointer(self.store, self.driver)
         self.guard = EnforcementGuard(self.driver, table=config.enforcement.table,
                                       interval=lambda: self.config.enforcement.verify_interval, clock=clock)
@@ -262,6 +285,8 @@ class Daemon:
         self._tasks.append(spawn(self._watch_disk(), name="disk-watch"))
         if self.publisher is not None:
             self._tasks.append(spawn(self.publisher.run(), name="mqtt"))
+        if self.fleet is not None:
+            await self._join_fleet(self.fleet)
         if self.adapters.watch_links:
             self.links = LinkWatcher(self.config.wireguard.interface, self._link_changed)
             await self.links.start()
@@ -295,6 +320,18 @@ class Daemon:
         notify("READY=1\nSTATUS=enforcing")
         log.info("gatewayd %s ready: %d peers, %d quarantined prefixes", self.config.gateway.id,
                  len(self.core.peers), len(self.core.enforced_prefixes()))
+
+    async def _join_fleet(self, fleet: Fleet) -> None:
+        """Read the fleet ledger before READY when etcd answers within the fleet timeout: a step-up demand written
+        while this gateway was down is enforced from READY on. Otherwise READY anyway (enforcement is local), and
+        the ledger is read as soon as etcd answers."""
+        await fleet.ledger.start()
+        try:
+            await asyncio.wait_for(fleet.load(), self.config.fleet.timeout * 2)
+        except (LedgerUnavailable, TimeoutError) as exc:
+            log.warning("fleet: the ledger could not be read at start-up (%s); proofs are %s until it can", exc or
+                        "timed out", "refused" if fleet.mode == "closed" else "decided by this gateway alone")
+        self._tasks.append(spawn(fleet.run(), name="fleet"))
 
     def _register_gauges(self) -> None:
         r = self.metrics.registry
@@ -370,7 +407,8 @@ class Daemon:
             tls = TlsFiles(cert=c.tls_cert_file, key=c.tls_key_file, client_ca=c.client_ca_file)
         if c.listen or c.unix_socket:
             self.control, self.control_port = await control_server(
-                ControlService(self.driver, self.metrics, self.status, self._snapshot), tcp=c.listen or None,
+                ControlService(self.driver, self.metrics, self.status, self._snapshot, self.fleet),
+                tcp=c.listen or None,
                 tls=tls,
                 unix_socket=c.unix_socket,
                 unix_mode=c.unix_socket_mode, authorizer=self.authorizer, limits=self._limits(),
@@ -398,7 +436,8 @@ class Daemon:
                         self.config.wireguard.interface)
             return
         self.challenge, self.challenge_ports = await challenge_server(
-            ChallengeService(self.driver, self.metrics), addresses, self._limits(), foreground=self.driver.foreground)
+            ChallengeService(self.driver, self.metrics, self.fleet), addresses, self._limits(),
+            foreground=self.driver.foreground)
 
     async def _rebind_challenge(self) -> None:
         """The interface's addresses changed: follow them if the challenge listener is bound to them."""
@@ -437,6 +476,7 @@ class Daemon:
                 ("handshake", self.config.handshake, new.handshake),
                 ("challenge.port", self.config.challenge.port, new.challenge.port),
                 ("mqtt", self.config.mqtt, new.mqtt),
+                ("fleet", self.config.fleet, new.fleet),
             ) if old != cur]
             if fixed:
                 raise ConfigError(fixed[0], "cannot change while running; restart gatewayd")
@@ -512,6 +552,8 @@ class Daemon:
             await self.links.close()
         if self.monitor is not None:
             await self.monitor.close()
+        if self.fleet is not None:
+            await self.fleet.ledger.close()
         await self.store.close()
         log.info("gatewayd stopped; quarantine left in place")
 

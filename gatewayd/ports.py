@@ -3,12 +3,13 @@ the runtime sees only these."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gatewayd.auth.backup import KdfParams
+from gatewayd.auth.ledger import Entries, Lifetime
 from gatewayd.auth.limits import AttemptState
 from gatewayd.auth.totp import TotpFactor
 from gatewayd.core.model import Factor, Member, PeerRecord, Role, TeamPolicy
@@ -197,6 +198,50 @@ class FlowTable(Protocol):
 
     async def flush(self, prefixes: Sequence[str]) -> int:
         """Delete entries from or to these prefixes; returns how many."""
+        ...
+
+
+# ---- the fleet ledger ------------------------------------------------------------------------------
+
+
+class LedgerUnavailable(Exception):
+    """The fleet ledger did not answer (in time), or answered that it cannot serve (no leader, no quorum)."""
+
+
+class LedgerCompacted(Exception):
+    """A watch asked for revisions the ledger compacted away: read everything afresh."""
+
+
+LedgerValue = dict[str, Any]
+
+
+class FleetLedger(Protocol):
+    """The fleet's shared ledger (etcd): JSON values under the fleet's prefix, keys relative to it."""
+
+    async def start(self) -> None:
+        """Open the connection (it connects lazily: etcd need not answer yet)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def snapshot(self, under: str = "") -> tuple[dict[str, tuple[LedgerValue, int]], int]:
+        """Every entry under `under` with its mod_revision, and the revision read at."""
+        ...
+
+    async def transact(self, compares: Mapping[str, int],
+                       writes: Mapping[str, tuple[LedgerValue | None, Lifetime]],
+                       refresh: str) -> tuple[bool, int, Entries]:
+        """If every key still has its mod_revision (0: absent), apply the writes: (True, revision, {});
+        otherwise write nothing: (False, revision, every entry under `refresh`)."""
+        ...
+
+    async def put(self, key: str, value: LedgerValue, lifetime: Lifetime) -> int:
+        """Write one entry unconditionally; returns its revision."""
+        ...
+
+    def watch(self, after: int) -> AsyncIterator[tuple[int, list[tuple[str, LedgerValue | None, int]]]]:
+        """Changes from revision after+1 on: (revision, [(key, value or None if deleted, mod_revision)]).
+        Raises LedgerCompacted or LedgerUnavailable."""
         ...
 
 

@@ -5,6 +5,11 @@ reads unpublished events in order, publishes them in windows of `in_flight` mess
 on `<prefix>/<gateway-id>/events/<type>`, and marks them published only after the broker's PUBACK (through
 the driver, the one writer). A broker outage or a restart therefore loses nothing and redelivers with the
 same event ids. A retained `<prefix>/<gateway-id>/status` says online/offline, with a last will for crashes.
+
+With more than one broker (`host:port` and then `brokers`, the nodes of a clustered or bridged broker), a lost or
+refused connection moves on to the next one at once; the backoff applies only after a whole round failed. The
+window that was in flight when a broker died is published again to the next one (same ids: consumers
+deduplicate on the CloudEvents id).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class OutboxPublisher:
         self.mark_published = mark_published
         self.wake = wake
         self.connected = False
+        self.broker = ""
+        """The broker in use (host:port), or the last one."""
         self.published = 0
         s = settings
         self.status_topic = f"{s.topic_prefix}/{gateway_id}/status"
@@ -51,7 +58,16 @@ class OutboxPublisher:
     def topic(self, e: StoredEvent) -> str:
         return f"{self.settings.topic_prefix}/{self.gateway_id}/events/{e.type}"
 
-    def _client(self) -> aiomqtt.Client:
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The brokers, in the order they are tried."""
+        out = [(self.settings.host, self.settings.port)]
+        for broker in self.settings.brokers:
+            host, _, port = broker.rpartition(":")
+            out.append((host.strip("[]"), int(port)))
+        return out
+
+    def _client(self, host: str, port: int) -> aiomqtt.Client:
         s = self.settings
         context = None
         if s.tls:
@@ -60,7 +76,7 @@ class OutboxPublisher:
                 context.load_cert_chain(str(s.cert_file), str(s.key_file))
         password = s.password_file.read_text().strip() if s.password_file else None
         client = aiomqtt.Client(
-            s.host, s.port, identifier=s.client_id or f"gatewayd-{self.gateway_id}", username=s.username or None,
+            host, port, identifier=s.client_id or f"gatewayd-{self.gateway_id}", username=s.username or None,
             password=password, keepalive=s.keepalive, tls_context=context, clean_session=True,
             max_inflight_messages=s.in_flight, timeout=10,
             will=aiomqtt.Will(self.status_topic, b"offline", qos=1, retain=True))
@@ -69,12 +85,17 @@ class OutboxPublisher:
 
     async def run(self) -> None:
         backoff = 0.5
+        brokers = self.addresses
+        current = 0
+        failed_in_round = 0
         while True:
+            host, port = brokers[current]
             try:
-                async with self._client() as client:
+                async with self._client(host, port) as client:
                     self.connected = True
-                    backoff = 0.5
-                    log.info("mqtt: connected to %s:%d", self.settings.host, self.settings.port)
+                    self.broker = f"{host}:{port}"
+                    backoff, failed_in_round = 0.5, 0
+                    log.info("mqtt: connected to %s:%d", host, port)
                     await client.publish(self.status_topic, b"online", qos=1, retain=True)
                     try:
                         await self._drain(client)
@@ -83,11 +104,18 @@ class OutboxPublisher:
                         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                             await client.publish(self.status_topic, b"offline", qos=1, retain=True, timeout=2)
             except aiomqtt.MqttError as exc:
-                log.warning("mqtt: %s; retrying in %.1f s", exc, backoff)
+                failed_in_round += 1
+                if len(brokers) > 1 and failed_in_round < len(brokers):
+                    log.warning("mqtt: %s:%d: %s; trying the next broker", host, port, exc)
+                else:
+                    log.warning("mqtt: %s:%d: %s; retrying in %.1f s", host, port, exc, backoff)
             finally:
                 self.connected = False
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            current = (current + 1) % len(brokers)
+            if failed_in_round >= len(brokers) or len(brokers) == 1:
+                failed_in_round = 0
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         source = self.gateway_id

@@ -214,12 +214,15 @@ def disconnect(req: control_pb2.DisconnectRequest) -> Disconnect:
         raise invalid("reason", f"must be at most {MAX_REASON} characters")
     if not req.reason.isprintable():
         raise invalid("reason", "must be printable text (no NUL or control characters)")
+    if req.scope not in (control_pb2.DISCONNECT_SCOPE_LOCAL, control_pb2.DISCONNECT_SCOPE_FLEET):
+        raise invalid("scope", f"unknown scope {req.scope}")
     return Disconnect(
         member_id=ident(req.member_id, "member_id") if which == "member_id" else None,
         public_key=public_key(req.peer_public_key, "peer_public_key") if which == "peer_public_key" else None,
         team_id=ident(req.team_id, "team_id") if which == "team_id" else None,
         reason=req.reason,
         idempotency_key=ident(req.idempotency_key, "idempotency_key"),
+        fleet=req.scope == control_pb2.DISCONNECT_SCOPE_FLEET,
     )
 
 
@@ -228,7 +231,7 @@ def disconnect_response(result: DisconnectResult) -> control_pb2.DisconnectRespo
     return control_pb2.DisconnectResponse(
         sessions_cut=outcome.sessions_cut, peers_quarantined=outcome.peers_quarantined,
         cause=CAUSE_TO_PB[outcome.cause], warnings=list(outcome.warnings), replayed=result.replayed,
-        pending=list(result.pending))
+        pending=list(result.pending), fleet_demand_recorded=result.fleet_recorded)
 
 
 def _stamp(msg: Message, **times: float | None) -> None:

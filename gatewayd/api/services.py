@@ -9,16 +9,19 @@ import asyncio
 import ipaddress
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import grpc
 
 from gatewayd.api import convert
 from gatewayd.auth import backup, totp
+from gatewayd.auth.ledger import Target
 from gatewayd.core.model import Peer
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.errors import Refused, Status
 from gatewayd.runtime import control, proofs
-from gatewayd.runtime.driver import Driver, EventSubscription, Job
+from gatewayd.runtime.driver import Driver, EventSubscription
+from gatewayd.runtime.fleet import Fleet, prove
 from gatewayd.runtime.observability import Metrics
 from gatewayd.runtime.proofs import ProofOutcome
 from gatewayd.runtime.status import StatusSnapshot
@@ -34,8 +37,9 @@ Snapshots = Callable[[str], PeerSnapshot | None]
 
 class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[misc]
     def __init__(self, driver: Driver, metrics: Metrics, status: Callable[[], StatusSnapshot],
-                 snapshots: Snapshots) -> None:
+                 snapshots: Snapshots, fleet: Fleet | None = None) -> None:
         self.driver, self.metrics, self.status, self.snapshots = driver, metrics, status, snapshots
+        self.fleet = fleet
 
     async def GetStatus(self, request: control_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
                         ) -> control_pb2.GatewayStatus:
@@ -51,8 +55,21 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
     async def Disconnect(self, request: control_pb2.DisconnectRequest, context: grpc.aio.ServicerContext
                          ) -> control_pb2.DisconnectResponse:
         started = time.perf_counter()
-        result = await self.driver.submit(convert.disconnect(request))
+        job = convert.disconnect(request)
+        if job.fleet and self.fleet is None:
+            raise Refused(Status.FAILED_PRECONDITION, "this gateway is not part of a fleet (no [fleet] section)",
+                          field="scope")
+        result = await self.driver.submit(job)
         self.metrics.disconnect_seconds.observe(time.perf_counter() - started)
+        if job.fleet and self.fleet is not None:
+            # Enforced here first (the job above); then recorded for the fleet (a retry with the same key
+            # records it again with the first Disconnect's time).
+            target, ident = ((Target.MEMBER, job.member_id) if job.member_id is not None else
+                             (Target.TEAM, job.team_id) if job.team_id is not None else (Target.PEER, job.public_key))
+            assert ident is not None
+            problem = await self.fleet.demand(target, ident, result.at, job.reason)
+            result = replace(result, fleet_recorded=problem is None,
+                             pending=result.pending + ((problem,) if problem else ()))
         return convert.disconnect_response(result)
 
     async def ApplyTeamPolicy(self, request: control_pb2.ApplyTeamPolicyRequest,
@@ -78,7 +95,10 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
 
     async def UnlockMfa(self, request: control_pb2.UnlockMfaRequest, context: grpc.aio.ServicerContext
                         ) -> control_pb2.UnlockMfaResponse:
-        await self.driver.submit(control.UnlockMfa(member_id=convert.ident(request.member_id, "member_id")))
+        member_id = convert.ident(request.member_id, "member_id")
+        if self.fleet is not None:
+            await self.fleet.unlock(member_id)  # first: an unlock that the fleet did not take is not answered OK
+        await self.driver.submit(control.UnlockMfa(member_id=member_id))
         return control_pb2.UnlockMfaResponse()
 
     async def ListSessions(self, request: control_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
@@ -194,13 +214,13 @@ def caller_address(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ignore[misc]
-    def __init__(self, driver: Driver, metrics: Metrics) -> None:
-        self.driver, self.metrics = driver, metrics
+    def __init__(self, driver: Driver, metrics: Metrics, fleet: Fleet | None = None) -> None:
+        self.driver, self.metrics, self.fleet = driver, metrics, fleet
 
-    async def _proof(self, factor: str, job: Job[ProofOutcome]) -> challenge_pb2.ProofResult:
-        """Run a proof job and count its outcome by factor."""
+    async def _proof(self, factor: str, proof: proofs.Proof) -> challenge_pb2.ProofResult:
+        """Check and commit a proof (through the fleet ledger with a fleet) and count its outcome by factor."""
         try:
-            outcome = await self.driver.submit(job)
+            outcome = await prove(self.driver.submit, self.fleet, proof)
         except Refused as exc:
             self.metrics.challenge_results.inc(factor=factor, outcome=exc.status.value.lower())
             raise

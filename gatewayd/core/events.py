@@ -89,6 +89,25 @@ class DisconnectRequested(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class StepUpDemanded(Event):
+    """A step-up demand from the fleet ledger (a Disconnect with fleet scope, at this or another gateway): the
+    named peers owe a proof verified after `after`. Exactly one of member_id, public_key or team_id is set."""
+
+    member_id: str | None = None
+    """All peers of this member."""
+    public_key: str | None = None
+    """One peer."""
+    team_id: str | None = None
+    """All peers of all members of this team."""
+    after: float
+    """When the demand was made (the gateway that recorded it, wall clock): a proof verified since pays it."""
+    reason: str = ""
+    """Free text for the event."""
+    by: str = ""
+    """The gateway that recorded it."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class TeamPolicyApplied(Event):
     """A new (already validated, newer) team policy."""
 

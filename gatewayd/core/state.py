@@ -326,6 +326,8 @@ class GatewayState:
                 self._on_endpoint(event, out)
             case ev.DisconnectRequested():
                 self._on_disconnect(event, now, out)
+            case ev.StepUpDemanded():
+                self._on_step_up_demanded(event, now, out)
             case ev.TeamPolicyApplied():
                 self._on_policy(event, now, out)
             case ev.MemberUpserted():
@@ -488,27 +490,50 @@ class GatewayState:
             self._require(peer, policy.for_step_up(self.policy_of(member), member), now, out, step_up=True)
             out.append(self._publish("peer.reverify_due", peer, proven_at=peer.proven_at))
 
+    def _targets(self, member_id: str | None, public_key: str | None, team_id: str | None
+                 ) -> tuple[bool, list[tuple[Member | None, list[Peer]]]]:
+        """Whether the subject is known, and the peers it names grouped by member."""
+        if team_id is not None:
+            members = [m for m in self.members.values() if m.team_id == team_id]
+            known = bool(members) or team_id in self.teams
+            return known, [(m, [self.peers[k] for k in sorted(m.peers) if k in self.peers]) for m in members]
+        if member_id is not None:
+            member = self.members.get(member_id)
+            if member is None:
+                return False, []
+            return True, [(member, [self.peers[k] for k in sorted(member.peers) if k in self.peers])]
+        peer = self.peers.get(public_key or "")
+        return (True, [(self.member_of(peer), [peer])]) if peer else (False, [])
+
+    def _on_step_up_demanded(self, e: ev.StepUpDemanded, now: float, out: list[Command]) -> None:
+        known, groups = self._targets(e.member_id, e.public_key, e.team_id)
+        if not known:
+            return
+
+        def owes_it(peer: Peer) -> bool:
+            """Whether the peer must still pay this demand: nothing proven since, and not owing since."""
+            if peer.proven_at is not None and peer.proven_at >= e.after:
+                return False
+            return not (peer.enforced and peer.owes_since is not None and peer.owes_since >= e.after)
+
+        due = [(m, [p for p in peers if owes_it(p)]) for m, peers in groups]
+        self._step_up(due, now, out, "fleet.demand_applied", {"reason": e.reason, "by": e.by, "after": e.after})
+
     def _on_disconnect(self, e: ev.DisconnectRequested, now: float, out: list[Command]
                        ) -> DisconnectOutcome:
-        groups: list[tuple[Member | None, list[Peer]]]
-        if e.team_id is not None:
-            members = [m for m in self.members.values() if m.team_id == e.team_id]
-            known = bool(members) or e.team_id in self.teams
-            groups = [(m, [self.peers[k] for k in sorted(m.peers) if k in self.peers]) for m in members]
-        elif e.member_id is not None:
-            member = self.members.get(e.member_id)
-            known = member is not None
-            groups = [(member, [self.peers[k] for k in sorted(member.peers) if k in self.peers])] if member else []
-        else:
-            peer = self.peers.get(e.public_key or "")
-            known = peer is not None
-            groups = [(self.member_of(peer), [peer])] if peer else []
+        known, groups = self._targets(e.member_id, e.public_key, e.team_id)
         if not known:
             return DisconnectOutcome(
                 sessions_cut=0, peers_quarantined=0, cause="unknown_subject", warnings=())
         if not any(peers for _, peers in groups):
             return DisconnectOutcome(
                 sessions_cut=0, peers_quarantined=0, cause="session_context_not_found", warnings=())
+        return self._step_up(groups, now, out, "disconnect.executed",
+                             {"reason": e.reason, **({"team_id": e.team_id} if e.team_id else {})})
+
+    def _step_up(self, groups: list[tuple[Member | None, list[Peer]]], now: float, out: list[Command], event: str,
+                 details: dict[str, object]) -> DisconnectOutcome:
+        """Quarantine the peers until they prove, cutting their sessions; one event per member."""
         warnings: list[str] = []
         cut = quarantined = 0
         for member, targets in groups:
@@ -535,12 +560,8 @@ class GatewayState:
             cut += member_cut
             quarantined += len(targets)
             subject = f"member/{member.member_id}" if member else f"peer/{targets[0].public_key}"
-            out.append(Publish(type="disconnect.executed", subject=subject, data={
-                "reason": e.reason,
-                "peers": [p.public_key for p in targets],
-                "sessions_cut": member_cut,
-                **({"team_id": e.team_id} if e.team_id else {}),
-            }))
+            out.append(Publish(type=event, subject=subject, data={
+                **details, "peers": [p.public_key for p in targets], "sessions_cut": member_cut}))
         unique = tuple(dict.fromkeys(warnings))
         if len(unique) > 20:
             unique = (*unique[:20], f"... and {len(unique) - 20} more warnings")

@@ -156,6 +156,10 @@ class DisconnectResult:
     """The idempotency key was seen before: nothing was done now."""
     pending: tuple[str, ...] = ()
     """Parts not done yet (the quarantine itself holds): e.g. session keys while WireGuard does not answer."""
+    at: float = 0.0
+    """When the Disconnect was carried out (the first time, for a replay): a fleet demand is for proofs since."""
+    fleet_recorded: bool = False
+    """Fleet scope: the demand is in the fleet ledger."""
 
     def with_pending(self, notes: tuple[str, ...]) -> DisconnectResult:
         return replace(self, pending=self.pending + notes)
@@ -175,10 +179,14 @@ class Disconnect:
     """Free text for the event."""
     idempotency_key: str
     """The caller's key: a retry with the same key and request answers the first outcome."""
+    fleet: bool = False
+    """Fleet scope: the demand also goes to the fleet ledger (by the caller, after this job)."""
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps([self.member_id, self.public_key, self.team_id, self.reason]).encode()
-                              ).hexdigest()
+        fields: list[object] = [self.member_id, self.public_key, self.team_id, self.reason]
+        if self.fleet:
+            fields.append("fleet")
+        return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
     async def run(self, b: Batch) -> DisconnectResult:
         seen = await b.state.idempotent_response(self.idempotency_key)
@@ -186,7 +194,8 @@ class Disconnect:
             if seen["fingerprint"] != self.fingerprint():
                 raise Refused(Status.FAILED_PRECONDITION,
                               "idempotency key was used for a different request", field="idempotency_key")
-            return DisconnectResult(outcome=_outcome_from_json(seen["outcome"]), replayed=True)
+            return DisconnectResult(outcome=_outcome_from_json(seen["outcome"]), replayed=True,
+                                    at=float(seen.get("at", b.now)))
         if self.team_id is not None:
             # A whole team: its prefixes go into nftables first, the per-peer bookkeeping follows.
             await b.quarantine_now(b.core.team_prefixes(self.team_id))
@@ -196,8 +205,9 @@ class Disconnect:
             "fingerprint": self.fingerprint(),
             "outcome": {"sessions_cut": outcome.sessions_cut, "peers_quarantined": outcome.peers_quarantined,
                         "cause": outcome.cause, "warnings": list(outcome.warnings)},
+            "at": b.now,
         }, b.now)
-        return DisconnectResult(outcome=outcome, replayed=False)
+        return DisconnectResult(outcome=outcome, replayed=False, at=b.now)
 
 
 async def complete_reset(b: Batch, member_id: str) -> None:

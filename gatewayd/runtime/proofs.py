@@ -8,9 +8,10 @@ backup code, device sign count) in the same transaction that releases the peer.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
-from gatewayd.auth import backup, device, limits, totp
+from gatewayd.auth import backup, device, ledger, limits, totp
 from gatewayd.core import events as ev
 from gatewayd.core import policy
 from gatewayd.core.model import Factor, Member, Peer, PeerState, ProofKind
@@ -101,13 +102,13 @@ async def _gate(b: Batch, peer: Peer, kind: ProofKind) -> tuple[Member, MemberAu
     return member, auth
 
 
-async def _failed(b: Batch, peer: Peer, member: Member, attempts: limits.AttemptState, factor: Factor,
+async def _failed(b: Batch, peer: Peer, member: Member, after: limits.AttemptState, factor: Factor,
                   reason: str) -> ProofOutcome:
-    """A refused proof: it costs an attempt (and may lock the member's factors)."""
-    after = limits.after_failure(b.settings.attempts, attempts, b.now)
+    """A refused proof: it cost an attempt (`after`: the member's attempt state now), and may have locked the
+    member's factors."""
     await b.state.save_attempts(member.member_id, after)
     b.feed(ev.ProofRefused(public_key=peer.public_key, factor=factor, reason=reason, failures=after.failures))
-    if after.locked:
+    if after.locked and not member.locked:
         b.publish("factor.locked", f"member/{member.member_id}", failures=after.failures)
         b.feed(ev.MemberUpserted(member=replace(member, locked=True)))
     return ProofOutcome(accepted=False, status=await view(b, peer, after))
@@ -118,6 +119,147 @@ async def _accepted(b: Batch, peer: Peer, member: Member, factor: Factor, backup
     await b.state.save_attempts(member.member_id, limits.RESET)
     b.ask(b.core.accept_proof, ev.ProofAccepted(public_key=peer.public_key, factor=factor, verified_at=b.now))
     return ProofOutcome(accepted=True, status=await view(b, peer, limits.RESET), backup_remaining=backup_remaining)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Checked:
+    """A proof checked at this gateway (gate and verification), not yet committed: with a fleet, the ledger
+    decides it between the check and the commit, outside the driver (an etcd round trip must not hold up
+    Disconnects)."""
+
+    public_key: str
+    """The calling peer."""
+    factor: Factor
+    """The factor tried."""
+    claim: ledger.Claim
+    """What the fleet ledger decides on (also what the local commit needs to know)."""
+    slot: str = ""
+    """TOTP: "active" or "pending"."""
+    backup_params: backup.KdfParams | None = None
+    """Backup code: the set the index belongs to."""
+    credential_id: bytes = b""
+    """Device: the credential used."""
+    sign_count: int = 0
+    """Device: its new sign count."""
+    auth: MemberAuth | None = field(default=None, repr=False)
+    """The member's auth state as the check read it (saves reading it again in the same job)."""
+
+
+def _holding(auth: MemberAuth, factor_id: str | None) -> str | None:
+    """Which slot holds the TOTP factor with this ledger id now ("active", "pending"), if any."""
+    for slot, f in (("active", auth.totp), ("pending", auth.pending_totp)):
+        if f is not None and ledger.totp_factor_id(f.secret) == factor_id:
+            return slot
+    return None
+
+
+async def _changed(b: Batch, checked: Checked, auth: MemberAuth) -> bool:
+    """The member's factors changed since the check (a re-enrollment, a new backup set): the check's verdict is
+    about factors that are gone. (A pending TOTP factor that became the active one meanwhile - the fleet's
+    confirmation of this very reset arrived first - is still the same factor.)"""
+    claim = checked.claim
+    if checked.factor is Factor.TOTP:
+        return _holding(auth, claim.totp_id) is None
+    if checked.factor is Factor.BACKUP_CODE:
+        return await b.state.backup_params(claim.member_id) != checked.backup_params
+    return False
+
+
+async def promote(b: Batch, member: Member, step: int) -> Member:
+    """The factor enrolled by an MFA reset was confirmed (here, or at another gateway of the fleet)."""
+    await b.state.promote_pending_totp(member.member_id, step)
+    await complete_reset(b, member.member_id)
+    factors = await b.state.factors(member.member_id)
+    if factors != member.factors:
+        member = replace(member, factors=factors)
+        b.feed(ev.MemberUpserted(member=member))
+    return member
+
+
+async def settle(b: Batch, checked: Checked, decision: ledger.Decision | None, *, same_job: bool = False
+                 ) -> ProofOutcome:
+    """Commit a checked proof at this gateway: as the fleet ledger decided, or (None) on this gateway's own
+    state alone. `same_job`: the check ran in this job (nothing can have changed since)."""
+    peer = _peer(b, checked.public_key)
+    claim = checked.claim
+    member = b.core.members.get(claim.member_id)
+    auth = checked.auth if same_job else await b.state.member_auth(claim.member_id)
+    if member is None or auth is None or peer.member_id != member.member_id:
+        raise Refused(Status.FAILED_PRECONDITION, "this peer is not mapped to the member any more")
+    outcome = (decision.outcome if decision is not None
+               else ledger.Outcome.ACCEPTED if claim.verified else ledger.Outcome.FAILED)
+    if outcome is ledger.Outcome.ACCEPTED and not same_job and await _changed(b, checked, auth):
+        raise Refused(Status.ABORTED, "the member's factors were replaced meanwhile; submit again")
+    if outcome is not ledger.Outcome.ACCEPTED:
+        if outcome is ledger.Outcome.SUPERSEDED and auth.reset_pending and auth.pending_totp is not None:
+            assert decision is not None and decision.confirmed_step is not None
+            member = await promote(b, member, decision.confirmed_step)
+        after = (decision.attempts if decision is not None
+                 else limits.after_failure(b.settings.attempts, auth.attempts, b.now))
+        reason = claim.reason if outcome is ledger.Outcome.FAILED else outcome.value
+        return await _failed(b, peer, member, after, checked.factor, reason)
+    if checked.factor is Factor.TOTP:
+        assert claim.step is not None
+        slot = checked.slot if same_job else _holding(auth, claim.totp_id)
+        if slot == "pending":
+            member = await promote(b, member, claim.step)
+        else:
+            await b.state.set_totp_step(member.member_id, "active", claim.step)
+        return await _accepted(b, peer, member, Factor.TOTP)
+    if checked.factor is Factor.BACKUP_CODE:
+        assert claim.backup_index is not None
+        if not await b.state.consume_backup_code(member.member_id, claim.backup_index, b.now):
+            after = limits.after_failure(b.settings.attempts, auth.attempts, b.now)
+            return await _failed(b, peer, member, after, Factor.BACKUP_CODE, "unknown_code")
+        remaining = len(await b.state.unused_backup_codes(member.member_id))
+        b.publish("backup_code.used", f"member/{member.member_id}", remaining=remaining,
+                  code_id=f"{claim.backup_set}:{claim.backup_index}")
+        if remaining == 0:
+            b.feed(ev.MemberUpserted(member=replace(member, factors=member.factors - {Factor.BACKUP_CODE})))
+        return await _accepted(b, peer, member, Factor.BACKUP_CODE, backup_remaining=remaining)
+    await b.state.set_sign_count(member.member_id, checked.credential_id, checked.sign_count)
+    return await _accepted(b, peer, member, Factor.DEVICE)
+
+
+class Proof(Protocol):
+    """A proof submission: checked in the driver, then settled."""
+
+    async def check(self, b: Batch) -> Checked: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prove:
+    """Check and commit a proof in one job, on this gateway's state alone (no fleet)."""
+
+    proof: Proof
+    """The submission."""
+
+    async def run(self, b: Batch) -> ProofOutcome:
+        return await settle(b, await self.proof.check(b), None, same_job=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Check:
+    """The first half with a fleet: check the proof; the ledger decides before `Settle`."""
+
+    proof: Proof
+    """The submission."""
+
+    async def run(self, b: Batch) -> Checked:
+        return await self.proof.check(b)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settle:
+    """The second half with a fleet: commit what the ledger decided."""
+
+    checked: Checked
+    """The check."""
+    decision: ledger.Decision | None
+    """The ledger's decision; None: the ledger was unreachable and the fleet runs in `local` mode."""
+
+    async def run(self, b: Batch) -> ProofOutcome:
+        return await settle(b, self.checked, self.decision)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +283,12 @@ class GetChallenge:
         return status
 
 
+def _claim(member: Member, factor: Factor, *, reason: str = "", **verified: Any) -> ledger.Claim:
+    """A failed check when `reason` is given, else a verified one with `verified`'s details."""
+    return ledger.Claim(member_id=member.member_id, factor=factor.value, verified=not reason, reason=reason,
+                        **verified)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SubmitTotp:
     public_key: str
@@ -148,7 +296,7 @@ class SubmitTotp:
     code: str
     """The code as typed."""
 
-    async def run(self, b: Batch) -> ProofOutcome:
+    async def check(self, b: Batch) -> Checked:
         peer = _peer(b, self.public_key)
         member, auth = await _gate(b, peer, ProofKind.OTP)
         slots = [(s, f) for s, f in (("active", auth.totp), ("pending", auth.pending_totp)) if f]
@@ -158,23 +306,19 @@ class SubmitTotp:
         if not formed:
             lengths = " or ".join(sorted({str(f.digits) for _, f in slots}))
             raise Refused(Status.INVALID_ARGUMENT, f"must be {lengths} ASCII digits", field="code")
-        verdicts = [(s, totp.verify(f, self.code, b.now)) for s, f in formed]
-        accepted = [(s, v) for s, v in verdicts if v.outcome is totp.Outcome.ACCEPTED]
+        verdicts = [(s, f, totp.verify(f, self.code, b.now)) for s, f in formed]
+        accepted = [(s, f, v) for s, f, v in verdicts if v.outcome is totp.Outcome.ACCEPTED]
         if not accepted:
-            replayed = any(v.outcome is totp.Outcome.REPLAYED for _, v in verdicts)
-            return await _failed(b, peer, member, auth.attempts, Factor.TOTP, "replayed" if replayed else "wrong_code")
-        slot, verdict = accepted[-1] if accepted[-1][0] == "pending" else accepted[0]
+            replayed = any(v.outcome is totp.Outcome.REPLAYED for _, _, v in verdicts)
+            claim = _claim(member, Factor.TOTP, reason="replayed" if replayed else "wrong_code")
+            return Checked(public_key=self.public_key, factor=Factor.TOTP, claim=claim, auth=auth)
+        slot, factor, verdict = accepted[-1] if accepted[-1][0] == "pending" else accepted[0]
         assert verdict.step is not None
-        if slot == "pending":
-            await b.state.promote_pending_totp(member.member_id, verdict.step)
-            await complete_reset(b, member.member_id)
-            factors = await b.state.factors(member.member_id)
-            if factors != member.factors:
-                member = replace(member, factors=factors)
-                b.feed(ev.MemberUpserted(member=member))
-        else:
-            await b.state.set_totp_step(member.member_id, slot, verdict.step)
-        return await _accepted(b, peer, member, Factor.TOTP)
+        pending = auth.pending_totp if auth.reset_pending and slot == "active" else None
+        claim = _claim(member, Factor.TOTP, totp_id=ledger.totp_factor_id(factor.secret), step=verdict.step,
+                       confirms_reset=slot == "pending",
+                       pending_id=ledger.totp_factor_id(pending.secret) if pending else None)
+        return Checked(public_key=self.public_key, factor=Factor.TOTP, claim=claim, slot=slot, auth=auth)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,7 +348,7 @@ class SubmitBackupCode:
     params: backup.KdfParams
     """The parameters it was derived under (the set may have been replaced meanwhile)."""
 
-    async def run(self, b: Batch) -> ProofOutcome:
+    async def check(self, b: Batch) -> Checked:
         peer = _peer(b, self.public_key)
         member, auth = await _gate(b, peer, ProofKind.OTP)
         current = await b.state.backup_params(member.member_id)
@@ -213,13 +357,11 @@ class SubmitBackupCode:
         if current != self.params:
             raise Refused(Status.ABORTED, "the backup code set was replaced meanwhile; submit again")
         index = backup.match(self.derived, await b.state.unused_backup_codes(member.member_id))
-        if index is None or not await b.state.consume_backup_code(member.member_id, index, b.now):
-            return await _failed(b, peer, member, auth.attempts, Factor.BACKUP_CODE, "unknown_code")
-        remaining = len(await b.state.unused_backup_codes(member.member_id))
-        b.publish("backup_code.used", f"member/{member.member_id}", remaining=remaining)
-        if remaining == 0:
-            b.feed(ev.MemberUpserted(member=replace(member, factors=member.factors - {Factor.BACKUP_CODE})))
-        return await _accepted(b, peer, member, Factor.BACKUP_CODE, backup_remaining=remaining)
+        claim = (_claim(member, Factor.BACKUP_CODE, reason="unknown_code") if index is None else
+                 _claim(member, Factor.BACKUP_CODE, backup_set=ledger.backup_set_id(current.salt),
+                        backup_index=index))
+        return Checked(public_key=self.public_key, factor=Factor.BACKUP_CODE, claim=claim, backup_params=current,
+                       auth=auth)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,39 +371,40 @@ class SubmitDeviceAssertion:
     assertion: device.Assertion
     """The authenticator's assertion over the issued nonce."""
 
-    async def run(self, b: Batch) -> ProofOutcome:
+    async def check(self, b: Batch) -> Checked:
         peer = _peer(b, self.public_key)
         member, auth = await _gate(b, peer, ProofKind.DEVICE)
         subject = f"member/{member.member_id}"
         assertion = self.assertion
 
-        async def failed(reason: str, detail: str) -> ProofOutcome:
+        def failed(reason: str, detail: str) -> Checked:
             b.publish("device.assertion_refused", subject, peer=self.public_key, reason=reason, detail=detail)
-            return await _failed(b, peer, member, auth.attempts, Factor.DEVICE, reason)
+            return Checked(public_key=self.public_key, factor=Factor.DEVICE,
+                           claim=_claim(member, Factor.DEVICE, reason=reason), auth=auth)
 
         # The challenge is consumed by any attempt that names it: one try per nonce.
         nonce = device.challenge_of(assertion)
         taken = await b.state.take_nonce(nonce, b.now) if nonce else None
         if taken is None:
-            return await failed("unknown_or_used_challenge", "the challenge was not issued or is used")
+            return failed("unknown_or_used_challenge", "the challenge was not issued or is used")
         owner, owner_member, expires = taken
         if owner != self.public_key or owner_member != member.member_id:
-            return await failed("challenge_of_another_peer", "the challenge was issued to another peer")
+            return failed("challenge_of_another_peer", "the challenge was issued to another peer")
         if b.now > expires:
-            return await failed("expired_challenge", "the challenge expired")
+            return failed("expired_challenge", "the challenge expired")
         stored = await b.state.device_credential(member.member_id, assertion.credential_id)
         if stored is None:
-            return await failed("foreign_credential", "the credential is not the member's")
+            return failed("foreign_credential", "the credential is not the member's")
         if assertion.user_handle and assertion.user_handle != stored.user_handle:
-            return await failed("wrong_user_handle", "the user handle is not the credential's")
+            return failed("wrong_user_handle", "the user handle is not the credential's")
         rules = b.settings.device
         verdict = device.verify(assertion, nonce=nonce or b"", rp_id=rules.rp_id, origins=list(rules.origins),
                                 cose_public_key=stored.cose_public_key, stored_sign_count=stored.sign_count)
         if verdict.outcome is device.Outcome.CLONED:
             b.publish("device.possible_clone", subject, peer=self.public_key,
                       credential_id=device.b64url(assertion.credential_id), detail=verdict.detail)
-            return await failed(verdict.outcome.value, verdict.detail)
+            return failed(verdict.outcome.value, verdict.detail)
         if verdict.outcome is not device.Outcome.ACCEPTED:
-            return await failed(verdict.outcome.value, verdict.detail)
-        await b.state.set_sign_count(member.member_id, assertion.credential_id, verdict.new_sign_count)
-        return await _accepted(b, peer, member, Factor.DEVICE)
+            return failed(verdict.outcome.value, verdict.detail)
+        return Checked(public_key=self.public_key, factor=Factor.DEVICE, claim=_claim(member, Factor.DEVICE),
+                       credential_id=assertion.credential_id, sign_count=verdict.new_sign_count, auth=auth)

@@ -26,63 +26,65 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from gatewayd.v1 import types_pb2 as gatewayd_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gatewayd/v1/control.proto\x12\x0bgatewayd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17gatewayd/v1/types.proto\"\x89\x01\n\x11\x44isconnectRequest\x12\x13\n\tmember_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0fpeer_public_key\x18\x02 \x01(\tH\x00\x12\x11\n\x07team_id\x18\x05 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\tB\x08\n\x06target\"\xa7\x01\n\x12\x44isconnectResponse\x12\x14\n\x0csessions_cut\x18\x01 \x01(\r\x12\x19\n\x11peers_quarantined\x18\x02 \x01(\r\x12+\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32\x1c.gatewayd.v1.DisconnectCause\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x12\x0f\n\x07pending\x18\x06 \x03(\t\"\xdd\x01\n\nTeamPolicy\x12\x0f\n\x07team_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12$\n\x05scope\x18\x03 \x01(\x0e\x32\x15.gatewayd.v1.MfaScope\x12$\n\x05roles\x18\x04 \x01(\x0e\x32\x15.gatewayd.v1.MfaRoles\x12\x1d\n\x15totp_prior_connection\x18\x05 \x01(\x08\x12\x1f\n\x17\x64\x65vice_prior_connection\x18\x06 \x01(\x08\x12!\n\x19reverify_interval_seconds\x18\x07 \x01(\r\"A\n\x16\x41pplyTeamPolicyRequest\x12\'\n\x06policy\x18\x01 \x01(\x0b\x32\x17.gatewayd.v1.TeamPolicy\"F\n\x17\x41pplyTeamPolicyResponse\x12\x19\n\x11peers_quarantined\x18\x01 \x01(\r\x12\x10\n\x08warnings\x18\x02 \x03(\t\"w\n\x0eTotpEnrollment\x12\x0e\n\x06secret\x18\x01 \x01(\x0c\x12-\n\talgorithm\x18\x02 \x01(\x0e\x32\x1a.gatewayd.v1.TotpAlgorithm\x12\x0e\n\x06\x64igits\x18\x03 \x01(\r\x12\x16\n\x0eperiod_seconds\x18\x04 \x01(\r\"N\n\rBackupCodeSet\x12\x0c\n\x04salt\x18\x01 \x01(\x0c\x12\t\n\x01n\x18\x02 \x01(\r\x12\t\n\x01r\x18\x03 \x01(\r\x12\t\n\x01p\x18\x04 \x01(\r\x12\x0e\n\x06hashes\x18\x05 \x03(\x0c\"k\n\x10\x44\x65viceCredential\x12\x15\n\rcredential_id\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63ose_public_key\x18\x02 \x01(\x0c\x12\x12\n\nsign_count\x18\x03 \x01(\r\x12\x13\n\x0buser_handle\x18\x04 \x01(\x0c\"\xb6\x02\n\x13UpsertMemberRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07team_id\x18\x02 \x01(\t\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.gatewayd.v1.MemberRole\x12\x18\n\x10peer_public_keys\x18\x04 \x03(\t\x12)\n\x04totp\x18\x05 \x01(\x0b\x32\x1b.gatewayd.v1.TotpEnrollment\x12\x30\n\x0c\x62\x61\x63kup_codes\x18\x06 \x01(\x0b\x32\x1a.gatewayd.v1.BackupCodeSet\x12\x39\n\x12\x64\x65vice_credentials\x18\x07 \x03(\x0b\x32\x1d.gatewayd.v1.DeviceCredential\x12\"\n\x1areplace_device_credentials\x18\x08 \x01(\x08\"=\n\x14UpsertMemberResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x14\n\x0ctotp_pending\x18\x02 \x01(\x08\"(\n\x13RemoveMemberRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\".\n\x14RemoveMemberResponse\x12\x16\n\x0epeers_unmapped\x18\x01 \x01(\r\"$\n\x0fResetMfaRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x12\n\x10ResetMfaResponse\"%\n\x10UnlockMfaRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x13\n\x11UnlockMfaResponse\"\x87\x01\n\x13ListSessionsRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.gatewayd.v1.PeerState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0f\n\x07team_id\x18\x05 \x01(\t\"W\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.gatewayd.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x11GetSessionRequest\x12\x17\n\x0fpeer_public_key\x18\x01 \x01(\t\"W\n\x12WatchEventsRequest\x12\x19\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\rtype_prefixes\x18\x02 \x03(\tB\x0f\n\r_after_cursor\"\x12\n\x10GetStatusRequest\"\x85\x04\n\rGatewayStatus\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tinterface\x18\x04 \x01(\t\x12\x18\n\x10peers_configured\x18\x05 \x01(\r\x12\x12\n\nauthorized\x18\x06 \x01(\r\x12\x13\n\x0bquarantined\x18\x07 \x01(\r\x12\x0e\n\x06locked\x18\x08 \x01(\r\x12\x1c\n\x14quarantined_prefixes\x18\t \x01(\r\x12\x1b\n\x13\x65nforcement_healthy\x18\n \x01(\x08\x12\x19\n\x11\x62roker_configured\x18\x0b \x01(\x08\x12\x18\n\x10\x62roker_connected\x18\x0c \x01(\x08\x12\x1a\n\x12outbox_unpublished\x18\r \x01(\r\x12!\n\x19outbox_oldest_age_seconds\x18\x0e \x01(\x01\x12-\n\tlast_poll\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07members\x18\x10 \x01(\r\x12\r\n\x05teams\x18\x11 \x01(\r\x12;\n\x17\x65nforcement_verified_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x14GetTeamPolicyRequest\x12\x0f\n\x07team_id\x18\x01 \x01(\t*\x8b\x01\n\x0f\x44isconnectCause\x12 \n\x1c\x44ISCONNECT_CAUSE_UNSPECIFIED\x10\x00\x12/\n*DISCONNECT_CAUSE_SESSION_CONTEXT_NOT_FOUND\x10\xf7\x03\x12%\n DISCONNECT_CAUSE_UNKNOWN_SUBJECT\x10\x94\x03*~\n\rTotpAlgorithm\x12\x1e\n\x1aTOTP_ALGORITHM_UNSPECIFIED\x10\x00\x12\x17\n\x13TOTP_ALGORITHM_SHA1\x10\x01\x12\x19\n\x15TOTP_ALGORITHM_SHA256\x10\x02\x12\x19\n\x15TOTP_ALGORITHM_SHA512\x10\x03\x32\xf0\x06\n\x0e\x43ontrolService\x12M\n\nDisconnect\x12\x1e.gatewayd.v1.DisconnectRequest\x1a\x1f.gatewayd.v1.DisconnectResponse\x12\\\n\x0f\x41pplyTeamPolicy\x12#.gatewayd.v1.ApplyTeamPolicyRequest\x1a$.gatewayd.v1.ApplyTeamPolicyResponse\x12S\n\x0cUpsertMember\x12 .gatewayd.v1.UpsertMemberRequest\x1a!.gatewayd.v1.UpsertMemberResponse\x12S\n\x0cRemoveMember\x12 .gatewayd.v1.RemoveMemberRequest\x1a!.gatewayd.v1.RemoveMemberResponse\x12G\n\x08ResetMfa\x12\x1c.gatewayd.v1.ResetMfaRequest\x1a\x1d.gatewayd.v1.ResetMfaResponse\x12J\n\tUnlockMfa\x12\x1d.gatewayd.v1.UnlockMfaRequest\x1a\x1e.gatewayd.v1.UnlockMfaResponse\x12S\n\x0cListSessions\x12 .gatewayd.v1.ListSessionsRequest\x1a!.gatewayd.v1.ListSessionsResponse\x12\x42\n\nGetSession\x12\x1e.gatewayd.v1.GetSessionRequest\x1a\x14.gatewayd.v1.Session\x12\x44\n\x0bWatchEvents\x12\x1f.gatewayd.v1.WatchEventsRequest\x1a\x12.gatewayd.v1.Event0\x01\x12\x46\n\tGetStatus\x12\x1d.gatewayd.v1.GetStatusRequest\x1a\x1a.gatewayd.v1.GatewayStatus\x12K\n\rGetTeamPolicy\x12!.gatewayd.v1.GetTeamPolicyRequest\x1a\x17.gatewayd.v1.TeamPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gatewayd/v1/control.proto\x12\x0bgatewayd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17gatewayd/v1/types.proto\"\xb6\x01\n\x11\x44isconnectRequest\x12\x13\n\tmember_id\x18\x01 \x01(\tH\x00\x12\x19\n\x0fpeer_public_key\x18\x02 \x01(\tH\x00\x12\x11\n\x07team_id\x18\x05 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12+\n\x05scope\x18\x06 \x01(\x0e\x32\x1c.gatewayd.v1.DisconnectScopeB\x08\n\x06target\"\xc6\x01\n\x12\x44isconnectResponse\x12\x14\n\x0csessions_cut\x18\x01 \x01(\r\x12\x19\n\x11peers_quarantined\x18\x02 \x01(\r\x12+\n\x05\x63\x61use\x18\x03 \x01(\x0e\x32\x1c.gatewayd.v1.DisconnectCause\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12\x10\n\x08replayed\x18\x05 \x01(\x08\x12\x0f\n\x07pending\x18\x06 \x03(\t\x12\x1d\n\x15\x66leet_demand_recorded\x18\x07 \x01(\x08\"\xdd\x01\n\nTeamPolicy\x12\x0f\n\x07team_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12$\n\x05scope\x18\x03 \x01(\x0e\x32\x15.gatewayd.v1.MfaScope\x12$\n\x05roles\x18\x04 \x01(\x0e\x32\x15.gatewayd.v1.MfaRoles\x12\x1d\n\x15totp_prior_connection\x18\x05 \x01(\x08\x12\x1f\n\x17\x64\x65vice_prior_connection\x18\x06 \x01(\x08\x12!\n\x19reverify_interval_seconds\x18\x07 \x01(\r\"A\n\x16\x41pplyTeamPolicyRequest\x12\'\n\x06policy\x18\x01 \x01(\x0b\x32\x17.gatewayd.v1.TeamPolicy\"F\n\x17\x41pplyTeamPolicyResponse\x12\x19\n\x11peers_quarantined\x18\x01 \x01(\r\x12\x10\n\x08warnings\x18\x02 \x03(\t\"w\n\x0eTotpEnrollment\x12\x0e\n\x06secret\x18\x01 \x01(\x0c\x12-\n\talgorithm\x18\x02 \x01(\x0e\x32\x1a.gatewayd.v1.TotpAlgorithm\x12\x0e\n\x06\x64igits\x18\x03 \x01(\r\x12\x16\n\x0eperiod_seconds\x18\x04 \x01(\r\"N\n\rBackupCodeSet\x12\x0c\n\x04salt\x18\x01 \x01(\x0c\x12\t\n\x01n\x18\x02 \x01(\r\x12\t\n\x01r\x18\x03 \x01(\r\x12\t\n\x01p\x18\x04 \x01(\r\x12\x0e\n\x06hashes\x18\x05 \x03(\x0c\"k\n\x10\x44\x65viceCredential\x12\x15\n\rcredential_id\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63ose_public_key\x18\x02 \x01(\x0c\x12\x12\n\nsign_count\x18\x03 \x01(\r\x12\x13\n\x0buser_handle\x18\x04 \x01(\x0c\"\xb6\x02\n\x13UpsertMemberRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x0f\n\x07team_id\x18\x02 \x01(\t\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.gatewayd.v1.MemberRole\x12\x18\n\x10peer_public_keys\x18\x04 \x03(\t\x12)\n\x04totp\x18\x05 \x01(\x0b\x32\x1b.gatewayd.v1.TotpEnrollment\x12\x30\n\x0c\x62\x61\x63kup_codes\x18\x06 \x01(\x0b\x32\x1a.gatewayd.v1.BackupCodeSet\x12\x39\n\x12\x64\x65vice_credentials\x18\x07 \x03(\x0b\x32\x1d.gatewayd.v1.DeviceCredential\x12\"\n\x1areplace_device_credentials\x18\x08 \x01(\x08\"=\n\x14UpsertMemberResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x14\n\x0ctotp_pending\x18\x02 \x01(\x08\"(\n\x13RemoveMemberRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\".\n\x14RemoveMemberResponse\x12\x16\n\x0epeers_unmapped\x18\x01 \x01(\r\"$\n\x0fResetMfaRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x12\n\x10ResetMfaResponse\"%\n\x10UnlockMfaRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\"\x13\n\x11UnlockMfaResponse\"\x87\x01\n\x13ListSessionsRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.gatewayd.v1.PeerState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0f\n\x07team_id\x18\x05 \x01(\t\"W\n\x14ListSessionsResponse\x12&\n\x08sessions\x18\x01 \x03(\x0b\x32\x14.gatewayd.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x11GetSessionRequest\x12\x17\n\x0fpeer_public_key\x18\x01 \x01(\t\"W\n\x12WatchEventsRequest\x12\x19\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x15\n\rtype_prefixes\x18\x02 \x03(\tB\x0f\n\r_after_cursor\"\x12\n\x10GetStatusRequest\"\x85\x04\n\rGatewayStatus\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tinterface\x18\x04 \x01(\t\x12\x18\n\x10peers_configured\x18\x05 \x01(\r\x12\x12\n\nauthorized\x18\x06 \x01(\r\x12\x13\n\x0bquarantined\x18\x07 \x01(\r\x12\x0e\n\x06locked\x18\x08 \x01(\r\x12\x1c\n\x14quarantined_prefixes\x18\t \x01(\r\x12\x1b\n\x13\x65nforcement_healthy\x18\n \x01(\x08\x12\x19\n\x11\x62roker_configured\x18\x0b \x01(\x08\x12\x18\n\x10\x62roker_connected\x18\x0c \x01(\x08\x12\x1a\n\x12outbox_unpublished\x18\r \x01(\r\x12!\n\x19outbox_oldest_age_seconds\x18\x0e \x01(\x01\x12-\n\tlast_poll\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07members\x18\x10 \x01(\r\x12\r\n\x05teams\x18\x11 \x01(\r\x12;\n\x17\x65nforcement_verified_at\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x14GetTeamPolicyRequest\x12\x0f\n\x07team_id\x18\x01 \x01(\t*\x8b\x01\n\x0f\x44isconnectCause\x12 \n\x1c\x44ISCONNECT_CAUSE_UNSPECIFIED\x10\x00\x12/\n*DISCONNECT_CAUSE_SESSION_CONTEXT_NOT_FOUND\x10\xf7\x03\x12%\n DISCONNECT_CAUSE_UNKNOWN_SUBJECT\x10\x94\x03*I\n\x0f\x44isconnectScope\x12\x1a\n\x16\x44ISCONNECT_SCOPE_LOCAL\x10\x00\x12\x1a\n\x16\x44ISCONNECT_SCOPE_FLEET\x10\x01*~\n\rTotpAlgorithm\x12\x1e\n\x1aTOTP_ALGORITHM_UNSPECIFIED\x10\x00\x12\x17\n\x13TOTP_ALGORITHM_SHA1\x10\x01\x12\x19\n\x15TOTP_ALGORITHM_SHA256\x10\x02\x12\x19\n\x15TOTP_ALGORITHM_SHA512\x10\x03\x32\xf0\x06\n\x0e\x43ontrolService\x12M\n\nDisconnect\x12\x1e.gatewayd.v1.DisconnectRequest\x1a\x1f.gatewayd.v1.DisconnectResponse\x12\\\n\x0f\x41pplyTeamPolicy\x12#.gatewayd.v1.ApplyTeamPolicyRequest\x1a$.gatewayd.v1.ApplyTeamPolicyResponse\x12S\n\x0cUpsertMember\x12 .gatewayd.v1.UpsertMemberRequest\x1a!.gatewayd.v1.UpsertMemberResponse\x12S\n\x0cRemoveMember\x12 .gatewayd.v1.RemoveMemberRequest\x1a!.gatewayd.v1.RemoveMemberResponse\x12G\n\x08ResetMfa\x12\x1c.gatewayd.v1.ResetMfaRequest\x1a\x1d.gatewayd.v1.ResetMfaResponse\x12J\n\tUnlockMfa\x12\x1d.gatewayd.v1.UnlockMfaRequest\x1a\x1e.gatewayd.v1.UnlockMfaResponse\x12S\n\x0cListSessions\x12 .gatewayd.v1.ListSessionsRequest\x1a!.gatewayd.v1.ListSessionsResponse\x12\x42\n\nGetSession\x12\x1e.gatewayd.v1.GetSessionRequest\x1a\x14.gatewayd.v1.Session\x12\x44\n\x0bWatchEvents\x12\x1f.gatewayd.v1.WatchEventsRequest\x1a\x12.gatewayd.v1.Event0\x01\x12\x46\n\tGetStatus\x12\x1d.gatewayd.v1.GetStatusRequest\x1a\x1a.gatewayd.v1.GatewayStatus\x12K\n\rGetTeamPolicy\x12!.gatewayd.v1.GetTeamPolicyRequest\x1a\x17.gatewayd.v1.TeamPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gatewayd.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISCONNECTCAUSE']._serialized_start=2611
-  _globals['_DISCONNECTCAUSE']._serialized_end=2750
-  _globals['_TOTPALGORITHM']._serialized_start=2752
-  _globals['_TOTPALGORITHM']._serialized_end=2878
+  _globals['_DISCONNECTCAUSE']._serialized_start=2687
+  _globals['_DISCONNECTCAUSE']._serialized_end=2826
+  _globals['_DISCONNECTSCOPE']._serialized_start=2828
+  _globals['_DISCONNECTSCOPE']._serialized_end=2901
+  _globals['_TOTPALGORITHM']._serialized_start=2903
+  _globals['_TOTPALGORITHM']._serialized_end=3029
   _globals['_DISCONNECTREQUEST']._serialized_start=101
-  _globals['_DISCONNECTREQUEST']._serialized_end=238
-  _globals['_DISCONNECTRESPONSE']._serialized_start=241
-  _globals['_DISCONNECTRESPONSE']._serialized_end=408
-  _globals['_TEAMPOLICY']._serialized_start=411
-  _globals['_TEAMPOLICY']._serialized_end=632
-  _globals['_APPLYTEAMPOLICYREQUEST']._serialized_start=634
-  _globals['_APPLYTEAMPOLICYREQUEST']._serialized_end=699
-  _globals['_APPLYTEAMPOLICYRESPONSE']._serialized_start=701
-  _globals['_APPLYTEAMPOLICYRESPONSE']._serialized_end=771
-  _globals['_TOTPENROLLMENT']._serialized_start=773
-  _globals['_TOTPENROLLMENT']._serialized_end=892
-  _globals['_BACKUPCODESET']._serialized_start=894
-  _globals['_BACKUPCODESET']._serialized_end=972
-  _globals['_DEVICECREDENTIAL']._serialized_start=974
-  _globals['_DEVICECREDENTIAL']._serialized_end=1081
-  _globals['_UPSERTMEMBERREQUEST']._serialized_start=1084
-  _globals['_UPSERTMEMBERREQUEST']._serialized_end=1394
-  _globals['_UPSERTMEMBERRESPONSE']._serialized_start=1396
-  _globals['_UPSERTMEMBERRESPONSE']._serialized_end=1457
-  _globals['_REMOVEMEMBERREQUEST']._serialized_start=1459
-  _globals['_REMOVEMEMBERREQUEST']._serialized_end=1499
-  _globals['_REMOVEMEMBERRESPONSE']._serialized_start=1501
-  _globals['_REMOVEMEMBERRESPONSE']._serialized_end=1547
-  _globals['_RESETMFAREQUEST']._serialized_start=1549
-  _globals['_RESETMFAREQUEST']._serialized_end=1585
-  _globals['_RESETMFARESPONSE']._serialized_start=1587
-  _globals['_RESETMFARESPONSE']._serialized_end=1605
-  _globals['_UNLOCKMFAREQUEST']._serialized_start=1607
-  _globals['_UNLOCKMFAREQUEST']._serialized_end=1644
-  _globals['_UNLOCKMFARESPONSE']._serialized_start=1646
-  _globals['_UNLOCKMFARESPONSE']._serialized_end=1665
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1668
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1803
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1805
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1892
-  _globals['_GETSESSIONREQUEST']._serialized_start=1894
-  _globals['_GETSESSIONREQUEST']._serialized_end=1938
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1940
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=2027
-  _globals['_GETSTATUSREQUEST']._serialized_start=2029
-  _globals['_GETSTATUSREQUEST']._serialized_end=2047
-  _globals['_GATEWAYSTATUS']._serialized_start=2050
-  _globals['_GATEWAYSTATUS']._serialized_end=2567
-  _globals['_GETTEAMPOLICYREQUEST']._serialized_start=2569
-  _globals['_GETTEAMPOLICYREQUEST']._serialized_end=2608
-  _globals['_CONTROLSERVICE']._serialized_start=2881
-  _globals['_CONTROLSERVICE']._serialized_end=3761
+  _globals['_DISCONNECTREQUEST']._serialized_end=283
+  _globals['_DISCONNECTRESPONSE']._serialized_start=286
+  _globals['_DISCONNECTRESPONSE']._serialized_end=484
+  _globals['_TEAMPOLICY']._serialized_start=487
+  _globals['_TEAMPOLICY']._serialized_end=708
+  _globals['_APPLYTEAMPOLICYREQUEST']._serialized_start=710
+  _globals['_APPLYTEAMPOLICYREQUEST']._serialized_end=775
+  _globals['_APPLYTEAMPOLICYRESPONSE']._serialized_start=777
+  _globals['_APPLYTEAMPOLICYRESPONSE']._serialized_end=847
+  _globals['_TOTPENROLLMENT']._serialized_start=849
+  _globals['_TOTPENROLLMENT']._serialized_end=968
+  _globals['_BACKUPCODESET']._serialized_start=970
+  _globals['_BACKUPCODESET']._serialized_end=1048
+  _globals['_DEVICECREDENTIAL']._serialized_start=1050
+  _globals['_DEVICECREDENTIAL']._serialized_end=1157
+  _globals['_UPSERTMEMBERREQUEST']._serialized_start=1160
+  _globals['_UPSERTMEMBERREQUEST']._serialized_end=1470
+  _globals['_UPSERTMEMBERRESPONSE']._serialized_start=1472
+  _globals['_UPSERTMEMBERRESPONSE']._serialized_end=1533
+  _globals['_REMOVEMEMBERREQUEST']._serialized_start=1535
+  _globals['_REMOVEMEMBERREQUEST']._serialized_end=1575
+  _globals['_REMOVEMEMBERRESPONSE']._serialized_start=1577
+  _globals['_REMOVEMEMBERRESPONSE']._serialized_end=1623
+  _globals['_RESETMFAREQUEST']._serialized_start=1625
+  _globals['_RESETMFAREQUEST']._serialized_end=1661
+  _globals['_RESETMFARESPONSE']._serialized_start=1663
+  _globals['_RESETMFARESPONSE']._serialized_end=1681
+  _globals['_UNLOCKMFAREQUEST']._serialized_start=1683
+  _globals['_UNLOCKMFAREQUEST']._serialized_end=1720
+  _globals['_UNLOCKMFARESPONSE']._serialized_start=1722
+  _globals['_UNLOCKMFARESPONSE']._serialized_end=1741
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1744
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1879
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1881
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1968
+  _globals['_GETSESSIONREQUEST']._serialized_start=1970
+  _globals['_GETSESSIONREQUEST']._serialized_end=2014
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=2016
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=2103
+  _globals['_GETSTATUSREQUEST']._serialized_start=2105
+  _globals['_GETSTATUSREQUEST']._serialized_end=2123
+  _globals['_GATEWAYSTATUS']._serialized_start=2126
+  _globals['_GATEWAYSTATUS']._serialized_end=2643
+  _globals['_GETTEAMPOLICYREQUEST']._serialized_start=2645
+  _globals['_GETTEAMPOLICYREQUEST']._serialized_end=2684
+  _globals['_CONTROLSERVICE']._serialized_start=3032
+  _globals['_CONTROLSERVICE']._serialized_end=3912
 # @@protoc_insertion_point(module_scope)

@@ -17,6 +17,11 @@ class DisconnectCause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DISCONNECT_CAUSE_SESSION_CONTEXT_NOT_FOUND: _ClassVar[DisconnectCause]
     DISCONNECT_CAUSE_UNKNOWN_SUBJECT: _ClassVar[DisconnectCause]
 
+class DisconnectScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DISCONNECT_SCOPE_LOCAL: _ClassVar[DisconnectScope]
+    DISCONNECT_SCOPE_FLEET: _ClassVar[DisconnectScope]
+
 class TotpAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TOTP_ALGORITHM_UNSPECIFIED: _ClassVar[TotpAlgorithm]
@@ -26,40 +31,46 @@ class TotpAlgorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 DISCONNECT_CAUSE_UNSPECIFIED: DisconnectCause
 DISCONNECT_CAUSE_SESSION_CONTEXT_NOT_FOUND: DisconnectCause
 DISCONNECT_CAUSE_UNKNOWN_SUBJECT: DisconnectCause
+DISCONNECT_SCOPE_LOCAL: DisconnectScope
+DISCONNECT_SCOPE_FLEET: DisconnectScope
 TOTP_ALGORITHM_UNSPECIFIED: TotpAlgorithm
 TOTP_ALGORITHM_SHA1: TotpAlgorithm
 TOTP_ALGORITHM_SHA256: TotpAlgorithm
 TOTP_ALGORITHM_SHA512: TotpAlgorithm
 
 class DisconnectRequest(_message.Message):
-    __slots__ = ("member_id", "peer_public_key", "team_id", "reason", "idempotency_key")
+    __slots__ = ("member_id", "peer_public_key", "team_id", "reason", "idempotency_key", "scope")
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     TEAM_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     member_id: str
     peer_public_key: str
     team_id: str
     reason: str
     idempotency_key: str
-    def __init__(self, member_id: _Optional[str] = ..., peer_public_key: _Optional[str] = ..., team_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    scope: DisconnectScope
+    def __init__(self, member_id: _Optional[str] = ..., peer_public_key: _Optional[str] = ..., team_id: _Optional[str] = ..., reason: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., scope: _Optional[_Union[DisconnectScope, str]] = ...) -> None: ...
 
 class DisconnectResponse(_message.Message):
-    __slots__ = ("sessions_cut", "peers_quarantined", "cause", "warnings", "replayed", "pending")
+    __slots__ = ("sessions_cut", "peers_quarantined", "cause", "warnings", "replayed", "pending", "fleet_demand_recorded")
     SESSIONS_CUT_FIELD_NUMBER: _ClassVar[int]
     PEERS_QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
+    FLEET_DEMAND_RECORDED_FIELD_NUMBER: _ClassVar[int]
     sessions_cut: int
     peers_quarantined: int
     cause: DisconnectCause
     warnings: _containers.RepeatedScalarFieldContainer[str]
     replayed: bool
     pending: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, sessions_cut: _Optional[int] = ..., peers_quarantined: _Optional[int] = ..., cause: _Optional[_Union[DisconnectCause, str]] = ..., warnings: _Optional[_Iterable[str]] = ..., replayed: _Optional[bool] = ..., pending: _Optional[_Iterable[str]] = ...) -> None: ...
+    fleet_demand_recorded: bool
+    def __init__(self, sessions_cut: _Optional[int] = ..., peers_quarantined: _Optional[int] = ..., cause: _Optional[_Union[DisconnectCause, str]] = ..., warnings: _Optional[_Iterable[str]] = ..., replayed: _Optional[bool] = ..., pending: _Optional[_Iterable[str]] = ..., fleet_demand_recorded: _Optional[bool] = ...) -> None: ...
 
 class TeamPolicy(_message.Message):
     __slots__ = ("team_id", "version", "scope", "roles", "totp_prior_connection", "device_prior_connection", "reverify_interval_seconds")

@@ -13,7 +13,7 @@ import pytest
 
 from gatewayd.auth import backup
 from gatewayd.errors import Refused
-from gatewayd.runtime.proofs import SubmitBackupCode
+from gatewayd.runtime.proofs import Prove, SubmitBackupCode
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
 from tests.harness import Harness, gw, key, start, stop
 from tests.pki import Authority
@@ -199,8 +199,8 @@ async def test_fifty_peers_of_one_member_race_one_code(gw: Harness) -> None:
     await gw.local().Disconnect(control_pb2.DisconnectRequest(member_id="alice", idempotency_key="r"))
     derived = backup.derive("RACE-CODE-1", params)
     driver = gw.daemon.driver
-    outcomes = await asyncio.gather(*(driver.submit(SubmitBackupCode(public_key=k, derived=derived, params=params))
-                                      for k in keys), return_exceptions=True)
+    jobs = [Prove(proof=SubmitBackupCode(public_key=k, derived=derived, params=params)) for k in keys]
+    outcomes = await asyncio.gather(*(driver.submit(j) for j in jobs), return_exceptions=True)
     # The losers are failed attempts (a used code), so growing delays refuse some outright.
     assert sum(getattr(o, "accepted", False) for o in outcomes) == 1
     assert all(getattr(o, "accepted", None) is not None or isinstance(o, Refused) for o in outcomes)
