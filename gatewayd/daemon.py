@@ -198,6 +198,7 @@ class Daemon:
         self.control_port: int | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.ready = asyncio.Event()
+        self.stopping = False
         self.first_read = asyncio.Event()
         """Set once the first read of the interface after READY was tried (it decides peers added meanwhile)."""
         self.links: LinkWatcher | None = None
@@ -458,6 +459,8 @@ class Daemon:
             except TimeoutError:
                 log.error("driver made no progress for %.1f s: withholding the watchdog ping", interval)
                 continue
+            if self.stopping:
+                return  # STOPPING=1 was sent: from then on systemd's stop timeout applies, not the watchdog
             notify("WATCHDOG=1")
 
     async def reload(self) -> bool:
@@ -533,6 +536,7 @@ class Daemon:
         await tracker.run()
 
     async def stop(self) -> None:
+        self.stopping = True
         notify("STOPPING=1")
         for server in (self.control, self.challenge):
             if server is not None:

@@ -31,9 +31,11 @@ class Broker:
     in a fresh directory under the system temp dir, which that user can reach; pytest's tmp_path (mode 0700) it
     cannot, and a broker that cannot save its state would lose the test subscriber's session on restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, netns: str | None = None, port: int | None = None) -> None:
+        """`netns`: run inside that network namespace (then `port` is the broker's port there)."""
         self.dir = Path(tempfile.mkdtemp(prefix="gatewayd-test-mosquitto-"))
-        self.port = free_port()
+        self.netns = netns
+        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir.chmod(0o755)
         with contextlib.suppress(KeyError):
@@ -44,13 +46,20 @@ class Broker:
             f"persistence_location {self.dir}/\nlog_dest file {self.dir}/mosquitto.log\n")
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.dir / "mosquitto.conf")],
+        argv = ["mosquitto", "-c", str(self.dir / "mosquitto.conf")]
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv] if self.netns else argv,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = self.dir / "mosquitto.log"
+        seen = log.read_text(errors="replace").count(" running") if log.exists() else 0
         deadline = time.monotonic() + 10
         while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+            if self.netns:
+                if log.exists() and log.read_text(errors="replace").count(" running") > seen:
                     return
+            else:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                        return
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("mosquitto did not start")
             time.sleep(0.05)

@@ -259,6 +259,42 @@ def cmd_sink(args: argparse.Namespace) -> None:
         json.dump({"datagrams": datagrams, "lines": lines}, f)
 
 
+def cmd_collect(args: argparse.Namespace) -> None:
+    """An MQTT subscriber per broker (persistent session, QoS 1, reconnecting by itself) that records the
+    CloudEvents id of every event it gets; writes {"ids": [...]} to --out when told to stop (SIGTERM)."""
+    import asyncio
+
+    import aiomqtt
+
+    ids: set[str] = set()
+
+    async def follow(broker: str, n: int) -> None:
+        host, _, port = broker.rpartition(":")
+        while True:
+            try:
+                async with aiomqtt.Client(host, int(port), identifier=f"collector-{n}", clean_session=False) as c:
+                    await c.subscribe(args.topic, qos=1)
+                    async for m in c.messages:
+                        payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+                        ids.add(json.loads(payload)["id"])
+            except aiomqtt.MqttError:
+                await asyncio.sleep(0.2)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        tasks = [asyncio.ensure_future(follow(b, n)) for n, b in enumerate(args.broker)]
+        print("ready", flush=True)
+        await stop.wait()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(run())
+    with open(args.out, "w") as f:
+        json.dump({"ids": sorted(ids)}, f)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gatewayd.lab.agent")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -294,6 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stamp-age", type=float, default=3600.0)
     p.add_argument("--rate", type=float, default=20000.0)
     p.add_argument("--duration", type=float, default=5.0)
+    p = sub.add_parser("collect")
+    p.add_argument("--broker", action="append", required=True, help="host:port (repeat for each broker)")
+    p.add_argument("--topic", default="gatewayd/+/events/#")
+    p.add_argument("--out", required=True)
     p = sub.add_parser("sink")
     p.add_argument("--udp", type=int, default=5000)
     p.add_argument("--tcp", type=int, default=5001)

@@ -96,11 +96,25 @@ async def test_health_and_reflection_on_every_listener(gw: Harness) -> None:
     (control_pb2.DisconnectRequest(member_id="a", idempotency_key=""), "idempotency_key"),
     (control_pb2.DisconnectRequest(member_id="a", idempotency_key="k", reason="x" * 300), "reason"),
     (control_pb2.DisconnectRequest(idempotency_key="k"), "target"),
+    (control_pb2.DisconnectRequest(member_id="a", idempotency_key="k", scope=7), "scope"),  # type: ignore[arg-type]
+    (control_pb2.DisconnectRequest(member_id="a", idempotency_key="k", scope=-1), "scope"),  # type: ignore[arg-type]
 ])
 async def test_disconnect_validation_names_the_field(gw: Harness, request_: control_pb2.DisconnectRequest,
                                                      field: str) -> None:
     code, details = await status_of(gw.local().Disconnect(request_))
     assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field), details
+
+
+async def test_fleet_scope_without_a_fleet_is_refused_and_changes_nothing(gw: Harness) -> None:
+    await gw.enroll("alice", (key(1),))
+    await gw.poll()
+    code, details = await status_of(gw.local().Disconnect(control_pb2.DisconnectRequest(
+        member_id="alice", idempotency_key="f", scope=control_pb2.DISCONNECT_SCOPE_FLEET)))
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and details.startswith("scope") and "fleet" in details
+    assert not gw.daemon.adapters.enforcer.quarantined()
+    # The default scope is local: the same key may then be used for a local Disconnect.
+    answer = await gw.local().Disconnect(control_pb2.DisconnectRequest(member_id="alice", idempotency_key="f"))
+    assert answer.peers_quarantined == 1 and not answer.fleet_demand_recorded and not answer.replayed
 
 
 async def test_non_canonical_base64_key_is_refused(gw: Harness) -> None:

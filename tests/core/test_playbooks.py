@@ -82,6 +82,42 @@ def test_disconnect_of_absent_mapped_peer_holds_when_it_appears() -> None:
     assert quarantined(out) == {IP1} and play.state() == "quarantined"
 
 
+def test_fleet_demand_quarantines_peers_not_proven_since_and_is_idempotent() -> None:
+    play = Play()
+    connected(play)
+    demand = ev.StepUpDemanded(member_id="alice", after=play.now + 5, reason="siem", by="gw-a")
+    out = play(demand, at=play.now + 6)
+    assert quarantined(out) == {IP1} and resets(out) == [K1] and "fleet.demand_applied" in published(out)
+    applied = next(c for c in out if isinstance(c, Publish) and c.type == "fleet.demand_applied")
+    assert applied.data["by"] == "gw-a" and applied.data["peers"] == [K1]
+    assert play.gw.peers[K1].owes == {ProofKind.OTP} and play.gw.peers[K1].step_up
+    # The same demand again (a watch replay, a restart): nothing more.
+    assert play(demand, at=play.now + 1) == []
+    play(ev.ProofAccepted(public_key=K1, factor=Factor.TOTP, verified_at=play.now + 1), at=play.now + 1)
+    assert play.state() == "authorized"
+    # Proven after the demand: it is paid here.
+    assert play(demand, at=play.now + 1) == []
+
+
+def test_fleet_demand_older_than_the_latest_proof_changes_nothing() -> None:
+    play = Play()
+    connected(play)
+    play.disconnect(ev.DisconnectRequested(member_id="alice"))
+    play(ev.ProofAccepted(public_key=K1, factor=Factor.TOTP, verified_at=play.now + 1), at=play.now + 1)
+    assert play(ev.StepUpDemanded(member_id="alice", after=play.now - 10), at=play.now + 1) == []
+    assert play.state() == "authorized"
+
+
+def test_fleet_demand_for_unknown_subjects_or_absent_peers() -> None:
+    play = Play()
+    assert play(ev.StepUpDemanded(member_id="ghost", after=1.0)) == []
+    assert play(ev.StepUpDemanded(team_id="ghosts", after=1.0)) == []
+    play(ev.MemberUpserted(member=member()))
+    play(ev.StepUpDemanded(public_key=K1, after=play.now))  # not connected here yet
+    out = play(ev.PeerConfigured(public_key=K1, allowed_ips=(IP1,)))
+    assert quarantined(out) == {IP1} and play.state() == "quarantined"
+
+
 def test_proof_older_than_demand_is_refused() -> None:
     play = Play()
     connected(play)

@@ -11,6 +11,8 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -303,3 +305,65 @@ def test_nothing_secret_is_in_the_ledger(fleet: FleetLab) -> None:
     assert values, dump
     for needle in (secret, base64.b32encode(secret), secret.hex().encode(), b"SECRET-CODE-1"):
         assert not any(needle in v for v in values)
+
+
+def test_two_gateways_on_one_broker_list_lose_no_event_when_the_first_broker_dies() -> None:
+    """Two gateways publish to brokers [first, second]; the first dies mid-stream (and comes back only at the end,
+    so that its persistent subscriber can drain what it had accepted): every event of both outboxes reaches a
+    subscriber."""
+    if kernel_missing():
+        pytest.skip("the fleet lab needs the kernel")
+    from tests.mosquitto import Broker
+
+    lab = FleetLab(2, mqtt={"host": "127.0.0.1", "port": 1883, "brokers": ["127.0.0.1:1884"], "keepalive": 5})
+    with lab.running():
+        first, second = Broker(netns=lab.ns, port=1883), Broker(netns=lab.ns, port=1884)
+        first.start()
+        second.start()
+        out = lab.workdir / "collected.json"
+        collector = subprocess.Popen(["ip", "netns", "exec", lab.ns, sys.executable, "-m", "gatewayd.lab.agent",
+                                      "collect", "--broker", "127.0.0.1:1883", "--broker", "127.0.0.1:1884",
+                                      "--out", str(out)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert collector.stdout is not None and collector.stdout.readline().strip() == "ready"
+            time.sleep(1)  # both sessions subscribed
+            for g in lab.gateways:
+                g.gw.start()
+            version = 0
+            for round_ in range(30):
+                if round_ == 10:
+                    first.stop()  # dies mid-stream; the gateways move to the second broker
+                version += 1
+                for g in lab.gateways:
+                    g.gw.control().ApplyTeamPolicy(control_pb2.ApplyTeamPolicyRequest(policy=control_pb2.TeamPolicy(
+                        team_id="t", version=version, scope=types_pb2.MFA_SCOPE_BOTH, roles=types_pb2.MFA_ROLES_ALL)))
+                time.sleep(0.05)
+            deadline = time.monotonic() + 30
+            while any(g.gw.control().GetStatus(control_pb2.GetStatusRequest()).outbox_unpublished
+                      for g in lab.gateways):
+                assert time.monotonic() < deadline, "the gateways did not publish everything to the second broker"
+                time.sleep(0.2)
+            expected = set().union(*(outbox_ids(g) for g in lab.gateways))
+            assert len(expected) >= 60
+            first.start()  # its persistent subscriber drains what it accepted before dying
+            time.sleep(3)
+        finally:
+            collector.terminate()
+            collector.wait(20)
+            first.stop()
+            second.stop()
+        received = set(json.loads(out.read_text())["ids"])
+        assert expected <= received, f"{len(expected - received)} of {len(expected)} events never arrived"
+        for g in lab.gateways:
+            assert "trying the next broker" in (g.lab.workdir / "gatewayd.log").read_text()
+
+
+def outbox_ids(g: FleetGateway) -> set[str]:
+    """Every event id the gateway's outbox retains."""
+    ids = set()
+    try:
+        for e in g.gw.control().WatchEvents(control_pb2.WatchEventsRequest(after_cursor=0), timeout=1.5):
+            ids.add(e.id)
+    except grpc.RpcError as exc:
+        assert exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED, exc
+    return ids
