@@ -372,6 +372,15 @@ class Daemon:
                 "(dropped; clients retry)", lambda: float(self.handshakes.queue.overflows if self.handshakes else 0))
         r.gauge("gatewayd_batch_phase_seconds", "Time spent in each phase of the latest driver batch",
                 lambda: {(("phase", k),): v for k, v in self.driver.last_batch.items()})
+        fleet = self.fleet
+        if fleet is not None:
+            r.gauge("gatewayd_fleet_ledger_watching", "1 while the fleet ledger (etcd) is followed live; 0 while it "
+                    "cannot be reached (proofs are then refused, or decided locally with on_unavailable = local)",
+                    lambda: float(fleet.watching))
+            r.gauge("gatewayd_fleet_unavailable_refusals", "Proofs refused since start because the fleet ledger "
+                    "could not be reached", lambda: float(fleet.unavailable_refusals))
+            r.gauge("gatewayd_fleet_local_decisions", "Proofs decided by this gateway alone since start because the "
+                    "fleet ledger could not be reached (on_unavailable = local)", lambda: float(fleet.local_decisions))
 
     async def _refresh_outbox_stats(self) -> None:
         while True:

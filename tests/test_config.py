@@ -23,6 +23,9 @@ def test_example_documents_every_key_with_its_default() -> None:
             assert documented, f"{name}.{key} is not documented in the example"
 
 
+FLEET = "[fleet]\nendpoints = ['10.0.0.1:2379']\nname = 'eu'\nca_file = '/ca'\ncert_file = '/c'\nkey_file = '/k'\n"
+
+
 @pytest.mark.parametrize(("snippet", "key"), [
     ("[gateway]\nidd = 'x'\n", "gateway.idd"),
     ("[gatway]\n", "gatway"),
@@ -48,6 +51,20 @@ def test_example_documents_every_key_with_its_default() -> None:
     ("[handshake]\nburst = 0\n", "handshake.burst"),
     ("[handshake]\nrecent_seconds = 0\n", "handshake.recent_seconds"),
     ("[handshake]\ndetect = 'yes'\n", "handshake.detect"),
+    ("[fleet]\nendpoints = ['10.0.0.1:2379']\nname = 'eu'\n", "fleet.ca_file"),
+    ("[fleet]\nendpoints = ['etcd:2379']\n", "fleet.endpoints[0]"),
+    ("[fleet]\nendpoints = ['10.0.0.1:99999']\n", "fleet.endpoints[0]"),
+    ("[fleet]\nendpoints = '10.0.0.1:2379'\n", "fleet.endpoints"),
+    (FLEET.replace("'eu'", "''"), "fleet.name"),
+    (FLEET.replace("'eu'", "'eu/west'"), "fleet.name"),
+    (FLEET.replace("'eu'", "'\u00e9u'"), "fleet.name"),
+    (FLEET + "timeout = 0\n", "fleet.timeout"),
+    (FLEET + "timeout = 31\n", "fleet.timeout"),
+    (FLEET + "retention_days = 0.5\n", "fleet.retention_days"),
+    (FLEET + "on_unavailable = 'open'\n", "fleet.on_unavailable"),
+    (FLEET + "on_unavailable = true\n", "fleet.on_unavailable"),
+    ("[mqtt]\nhost = 'b1'\nbrokers = ['b2']\n", "mqtt.brokers[0]"),
+    ("[mqtt]\nhost = 'b1'\nbrokers = ['10.0.0.2:0x10']\n", "mqtt.brokers[0]"),
 ])
 def test_bad_key_or_value_is_named(snippet: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -72,3 +89,10 @@ def test_check_config_cli(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "gatewayd", "check-config", "--config", str(bad)],
                          capture_output=True, text=True, check=False)
     assert out.returncode == 2 and "auth.max_delay" in out.stderr
+
+
+def test_fleet_example_parses_and_a_fleet_needs_no_other_change() -> None:
+    cfg = load(Path(__file__).resolve().parents[1] / "config" / "gatewayd-fleet.toml")
+    assert len(cfg.fleet.endpoints) == 3 and cfg.fleet.on_unavailable == "closed"
+    assert cfg.mqtt.brokers and cfg.gateway.id == "gw-paris-1"
+    assert parse(FLEET).fleet.name == "eu" and not parse("").fleet.endpoints

@@ -80,7 +80,12 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
 
     async def UpsertMember(self, request: control_pb2.UpsertMemberRequest, context: grpc.aio.ServicerContext
                            ) -> control_pb2.UpsertMemberResponse:
-        result = await self.driver.submit(convert.member_update(request))
+        job = convert.member_update(request)
+        result = await self.driver.submit(job)
+        if self.fleet is not None:
+            # Step-up demands recorded in the fleet before this member (or these peers) were known here.
+            for demand in self.fleet.demands_for(job.member_id, job.team_id, job.peers):
+                await self.driver.submit(demand)
         return control_pb2.UpsertMemberResponse(created=result.created, totp_pending=result.totp_pending)
 
     async def RemoveMember(self, request: control_pb2.RemoveMemberRequest, context: grpc.aio.ServicerContext
@@ -97,7 +102,10 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
                         ) -> control_pb2.UnlockMfaResponse:
         member_id = convert.ident(request.member_id, "member_id")
         if self.fleet is not None:
-            await self.fleet.unlock(member_id)  # first: an unlock that the fleet did not take is not answered OK
+            # First: an unlock the fleet did not take is not answered OK (the member stays locked everywhere).
+            if member_id not in self.driver.core.members:
+                raise Refused(Status.NOT_FOUND, f"member {member_id!r} is not known", field="member_id")
+            await self.fleet.unlock(member_id)
         await self.driver.submit(control.UnlockMfa(member_id=member_id))
         return control_pb2.UnlockMfaResponse()
 

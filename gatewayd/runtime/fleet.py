@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -236,6 +236,19 @@ class Fleet:
                           f"fleet-wide ({exc}); nothing was recorded: try again shortly") from None
         raise Refused(Status.ABORTED, "other gateways changed this member's ledger entries too often meanwhile; "
                       "submit again")
+
+    def demands_for(self, member_id: str, team_id: str, keys: Iterable[str]) -> list[ApplyDemand]:
+        """The demands the mirror holds for this member, its team or its peers: a member enrolled here after a
+        demand was written owes it too."""
+        out = []
+        for target, ident in ((ledger.Target.MEMBER, member_id), (ledger.Target.TEAM, team_id),
+                              *((ledger.Target.PEER, k) for k in keys)):
+            entry = self.entries.get(ledger.demand_key(target, ident))
+            if entry is not None:
+                value = entry[0]
+                out.append(ApplyDemand(target=target, ident=ident, after=float(value["after"]),
+                                       reason=str(value.get("reason", "")), by=str(value.get("by", ""))))
+        return out
 
     async def demand(self, target: ledger.Target, ident: str, after: float, reason: str) -> str | None:
         """Record a step-up demand for the whole fleet; returns why it could not be, or None."""

@@ -216,6 +216,23 @@ def test_fleet_disconnect_at_a_follows_the_member_to_other_gateways(fleet: Fleet
     assert applied and applied[-1]["by"] == a.gw_id and applied[-1]["reason"] == "SIEM: impossible travel"
 
 
+def test_a_member_enrolled_at_a_gateway_after_the_demand_owes_it_there(fleet: FleetLab) -> None:
+    a, _, c = fleet.gateways
+    key_a, key_c = random_key(), random_key()
+    request = control_pb2.UpsertMemberRequest(member_id="late", team_id="open", role=types_pb2.MEMBER_ROLE_MEMBER,
+                                              peer_public_keys=[key_a, key_c],
+                                              totp=control_pb2.TotpEnrollment(secret=os.urandom(20), digits=6))
+    a.gw.control().UpsertMember(request)
+    answer = a.gw.control().Disconnect(control_pb2.DisconnectRequest(
+        member_id="late", idempotency_key="late-1", scope=control_pb2.DISCONNECT_SCOPE_FLEET))
+    assert answer.fleet_demand_recorded
+    time.sleep(0.5)  # C has seen the demand for a member it does not know yet
+    c.gw.control().UpsertMember(request)
+    fleet.connect(c, key_c, 10)
+    s = wait_state(c, key_c, types_pb2.PEER_STATE_QUARANTINED)
+    assert list(s.owes) == [types_pb2.PROOF_KIND_OTP]
+
+
 def test_a_gateway_restarted_while_a_demand_was_written_enforces_it(fleet: FleetLab) -> None:
     keys = enroll(fleet, "rd", team="open", secret=os.urandom(20), slot=6)
     a, _, c = fleet.gateways
@@ -269,6 +286,9 @@ def test_quorum_lost_refuses_proofs_keeps_quarantine_and_recovers(fleet: FleetLa
         fl = a.gw.control().Disconnect(control_pb2.DisconnectRequest(
             member_id="qr", idempotency_key="qr-2", scope=control_pb2.DISCONNECT_SCOPE_FLEET), timeout=30)
         assert not fl.fleet_demand_recorded and any("not recorded" in p for p in fl.pending), fl
+        with pytest.raises(grpc.RpcError) as unlock:
+            a.gw.control().UnlockMfa(control_pb2.UnlockMfaRequest(member_id="qr"), timeout=30)
+        assert unlock.value.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         for m in lost:
             fleet.etcd.start_member(m)
@@ -350,6 +370,8 @@ def test_two_gateways_on_one_broker_list_lose_no_event_when_the_first_broker_die
         finally:
             collector.terminate()
             collector.wait(20)
+            if collector.stdout is not None:
+                collector.stdout.close()
             first.stop()
             second.stop()
         received = set(json.loads(out.read_text())["ids"])

@@ -104,10 +104,12 @@ async def test_a_stale_mirror_costs_a_retry_not_a_wrong_decision(fleets: tuple[F
     wrong = Claim(member_id="s", factor="totp", verified=False, reason="wrong_code")
     for _ in range(3):
         assert (await a.decide(wrong)).outcome is Outcome.FAILED  # type: ignore[union-attr]
-    # b has not watched any of it: its first transaction fails its compare, reads afresh, and gates on 3.
+    # b has not watched any of it: its first transaction fails its compare, reads afresh, and gates on the
+    # fleet's 3 failures (the fourth try must wait: free_failures is 3).
     assert ledger.attempts_key("s") not in b.entries
     d = await b.decide(wrong)
-    assert d is not None and d.outcome is Outcome.FAILED and d.attempts.failures == 4
+    assert d is not None and d.outcome is Outcome.TOO_EARLY and d.attempts.failures == 3
+    assert b.entries[ledger.attempts_key("s")][0]["failures"] == 3
 
 
 async def test_the_watch_applies_others_writes_and_survives_a_compaction(
