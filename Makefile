@@ -52,6 +52,7 @@ bench: deps
 	$(BIN)/python -m bench.handshakes --out bench/handshakes.json
 	$(BIN)/python -m bench.proofs --out bench/proofs.json
 	$(BIN)/python -m bench.scale --out bench/scale.json
+	$(BIN)/python -m bench.fleet --out bench/fleet.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

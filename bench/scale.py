@@ -26,7 +26,6 @@ import base64
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ import grpc
 
 from bench.common import Spy, is_root, write_report
 from bench.disconnect import tunnel_ip
+from gatewayd.lab import uapi
 from gatewayd.lab.gateway import LabGateway
 from gatewayd.lab.netlab import Lab, run
 from gatewayd.v1 import control_pb2, control_pb2_grpc
@@ -64,30 +64,7 @@ def uapi_answer(n: int) -> bytes:
 def serve_uapi(path: str, n: int) -> None:
     """`python -m bench.scale uapi <socket> <peers>`: the emulated device, until SIGTERM."""
     answer = uapi_answer(n)
-    sets = 0
-
-    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sets
-        first = await reader.readline()
-        while (await reader.readline()) not in (b"\n", b""):
-            pass
-        if first == b"get=1\n":
-            writer.write(answer)
-        else:
-            sets += 1
-            writer.write(b"errno=0\n\n")
-        await writer.drain()
-        writer.close()
-
-    async def main() -> None:
-        Path(path).unlink(missing_ok=True)
-        server = await asyncio.start_unix_server(client, path, limit=64 * 1024 * 1024)
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        async with server:
-            await stop.wait()
-
-    asyncio.run(main())
+    uapi.serve(path, lambda: answer)
 
 
 async def fill_store(database: Path, key_file: Path, n: int) -> None:

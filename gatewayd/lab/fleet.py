@@ -142,8 +142,9 @@ class FleetLab:
                  "ca_file": str(self.ca_file), "cert_file": str(cert_file), "key_file": str(key_file),
                  "server_name": "localhost", **self.overrides.get("fleet", {})}
         overrides = {
-            **{k: v for k, v in self.overrides.items() if k != "fleet"},
-            "wireguard": {"backend": "uapi", "uapi_socket_dir": str(uapi), "poll_interval": 0.5},
+            **{k: v for k, v in self.overrides.items() if k not in ("fleet", "wireguard")},
+            "wireguard": {"backend": "uapi", "uapi_socket_dir": str(uapi), "poll_interval": 0.5,
+                          **self.overrides.get("wireguard", {})},
             "handshake": {"detect": False},
             "enforcement": {"table": f"gwdfleet{i}"},
             "challenge": {"listen": [f"0.0.0.0:{challenge_port(i)}"], "port": challenge_port(i)},

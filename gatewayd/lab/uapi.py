@@ -1,7 +1,7 @@
 """A WireGuard UAPI socket that answers like wireguard-go for a device whose peers are listed in a JSON file
 (re-read at every `get`, so that a test adds and removes peers by rewriting it). For labs that need many
 gateways or many peers without WireGuard's data path (the fleet lab, benchmarks): gatewayd reads it exactly as
-it reads wireguard-go. `set` requests (session resets) are answered with success and counted.
+it reads wireguard-go. `set` requests (session resets) are answered with success.
 
     python -m gatewayd.lab.uapi <socket path> <peers.json>
 
@@ -15,6 +15,7 @@ import base64
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +31,14 @@ def answer(peers: list[dict[str, Any]]) -> bytes:
     return ("\n".join(lines) + "\nerrno=0\n\n").encode()
 
 
-def serve(path: str, peers_file: str) -> None:
+def serve(path: str, get: Callable[[], bytes]) -> None:
+    """Answer `get=1` with `get()` and every `set` with success, on a unix socket at `path`, until SIGTERM."""
+
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         first = await reader.readline()
         while (await reader.readline()) not in (b"\n", b""):
             pass
-        if first == b"get=1\n":
-            try:
-                peers = json.loads(Path(peers_file).read_text())
-            except (OSError, ValueError):
-                peers = []
-            writer.write(answer(peers))
-        else:
-            writer.write(b"errno=0\n\n")
+        writer.write(get() if first == b"get=1\n" else b"errno=0\n\n")
         await writer.drain()
         writer.close()
 
@@ -57,5 +53,13 @@ def serve(path: str, peers_file: str) -> None:
     asyncio.run(main())
 
 
+def from_file(peers_file: str) -> bytes:
+    try:
+        peers = json.loads(Path(peers_file).read_text())
+    except (OSError, ValueError):
+        peers = []
+    return answer(peers)
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2])
+    serve(sys.argv[1], lambda: from_file(sys.argv[2]))

@@ -154,29 +154,38 @@ class Fleet:
         for key, (value, rev) in entries.items():
             self.entries[key] = (value, rev)
         self.revision = revision
-        for key, (value, _) in entries.items():
-            await self._apply(key, value)
+        await self._apply([(key, value) for key, (value, _) in entries.items()])
         self.synced.set()
         log.info("fleet: ledger read at revision %d (%d entries)", revision, len(entries))
 
-    async def _apply(self, key: str, value: Value | None) -> None:
-        """Bring another gateway's write into this gateway's state."""
+    @staticmethod
+    def _job_for(key: str, value: Value | None) -> Job[None] | None:
+        """The job that brings another gateway's write into this gateway's state, if it needs one."""
         parts = key.split("/")
         try:
             if parts[0] == "d" and len(parts) == 3 and value is not None:
-                await self.submit(ApplyDemand(target=ledger.Target(parts[1]), ident=unquote(parts[2]),
-                                              after=float(value["after"]), reason=str(value.get("reason", "")),
-                                              by=str(value.get("by", ""))))
-            elif parts[0] == "m" and len(parts) == 3 and parts[2] == "attempts":
+                return ApplyDemand(target=ledger.Target(parts[1]), ident=unquote(parts[2]),
+                                   after=float(value["after"]), reason=str(value.get("reason", "")),
+                                   by=str(value.get("by", "")))
+            if parts[0] == "m" and len(parts) == 3 and parts[2] == "attempts":
                 state, _ = ledger.attempts_of({key: (value or {}, 0)}, unquote(parts[1]))
-                await self.submit(SyncAttempts(member_id=unquote(parts[1]), attempts=state))
-            elif parts[0] == "m" and len(parts) == 4 and parts[2] == "reset" and value is not None:
-                await self.submit(ConfirmReset(member_id=unquote(parts[1]), factor_id=parts[3],
-                                               step=int(value["step"])))
+                return SyncAttempts(member_id=unquote(parts[1]), attempts=state)
+            if parts[0] == "m" and len(parts) == 4 and parts[2] == "reset" and value is not None:
+                return ConfirmReset(member_id=unquote(parts[1]), factor_id=parts[3], step=int(value["step"]))
         except (KeyError, ValueError, TypeError) as exc:
             log.error("fleet: ignoring a malformed ledger entry %r: %s", key[:200], exc)
-        except Refused as exc:
-            log.warning("fleet: could not apply %r: %s", key[:200], exc)
+        return None
+
+    async def _apply(self, changes: list[tuple[str, Value | None]]) -> None:
+        """Apply others' writes; submitted together, so that the driver takes them in one batch (a restart
+        with thousands of demands in the ledger is one transaction, not thousands)."""
+        jobs = [(key, job) for key, value in changes if (job := self._job_for(key, value)) is not None]
+        results = await asyncio.gather(*(self.submit(job) for _, job in jobs), return_exceptions=True)
+        for (key, _), result in zip(jobs, results, strict=True):
+            if isinstance(result, Refused):
+                log.warning("fleet: could not apply %r: %s", key[:200], result)
+            elif isinstance(result, BaseException):
+                log.error("fleet: applying %r failed: %r", key[:200], result)
 
     async def run(self) -> None:
         """Keep the mirror current and apply other gateways' writes, for as long as the daemon runs."""
@@ -189,9 +198,7 @@ class Fleet:
                     if not self.watching:
                         log.info("fleet: watching the ledger from revision %d", self.revision + 1)
                     self.watching, backoff = True, 0.2
-                    for key, value, rev in changes:
-                        if self._store(key, value, rev):
-                            await self._apply(key, value)
+                    await self._apply([(key, value) for key, value, rev in changes if self._store(key, value, rev)])
                     self.revision = max(self.revision, revision)
                     if len(self._deleted) > 10_000:
                         self._deleted = {k: r for k, r in self._deleted.items() if r > self.revision}
