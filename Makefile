@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SYSTEM_PACKAGES := nftables libnftables1 wireguard-go wireguard-tools mosquitto mosquitto-clients \
-	conntrack iproute2 systemd procps iptables etcd-server etcd-client
+	conntrack iproute2 systemd procps iptables etcd-server etcd-client prometheus
 
 .PHONY: test demo deps system-deps proto lint typecheck bench fuzz clean
 
@@ -31,10 +31,10 @@ proto: $(BIN)/.installed
 		proto/gatewayd/v1/*.proto
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check gatewayd tests bench
+	$(BIN)/ruff check gatewayd gatewayd_client tests bench
 
 typecheck: $(BIN)/.installed
-	$(BIN)/mypy gatewayd bench tests
+	$(BIN)/mypy gatewayd gatewayd_client bench tests
 
 test: deps lint typecheck
 	$(BIN)/pytest -q

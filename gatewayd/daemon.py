@@ -352,6 +352,8 @@ class Daemon:
                 lambda: float(self.outbox[0]) if self.publisher else 0.0)
         r.gauge("gatewayd_outbox_oldest_age_seconds", "Age of the oldest event not yet acknowledged by the broker",
                 self._outbox_age)
+        r.gauge("gatewayd_broker_configured", "1 when an MQTT broker is configured ([mqtt] host)",
+                lambda: float(self.publisher is not None))
         r.gauge("gatewayd_broker_connected", "1 while connected to the MQTT broker",
                 lambda: float(bool(self.publisher and self.publisher.connected)))
         r.gauge("gatewayd_poll_interval_seconds", "Seconds between two reads of the interface (poll_interval, "

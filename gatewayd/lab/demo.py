@@ -54,6 +54,16 @@ def agent(lab: Lab, ns: str, *args: str) -> dict[str, Any]:
     return data
 
 
+def client_app(lab: Lab, peer: LabPeer, code: str) -> tuple[bool, float, list[str]]:
+    """The member's client app (gatewayd-client, the reference client) answering with `code` as if typed:
+    (authorized, seconds from start to authorized, what it told the member)."""
+    started = time.monotonic()
+    result = subprocess.run(["ip", "netns", "exec", peer.ns, sys.executable, "-m", "gatewayd_client", "--gateway",
+                             CHALLENGE, "--once"], input=code + "\n", capture_output=True, text=True, timeout=60,
+                            check=False)
+    return result.returncode == 0, time.monotonic() - started, result.stderr.strip().splitlines()
+
+
 def reach(lab: Lab, peer: LabPeer, to: str = f"{SERVER_IP}:5001") -> str:
     result: str = agent(lab, peer.ns, "probe", "--to", to)["result"]
     return "reaches it" if result == "connected" else f"blocked ({result})"
@@ -140,9 +150,11 @@ def run_demo(lab: Lab) -> None:
     say(f"alice's app asks what it owes: {challenge.get('owes')} with {challenge.get('accepted_factors')}, "
         f"{challenge.get('attempts_left')} attempts left")
     code = str(pyotp.TOTP(base64.b32encode(ALICE_SECRET).decode()).now())
-    proof = agent(lab, alice.ns, "totp", "--gateway", CHALLENGE, "--code", code)
-    say(f"alice enters her TOTP code over the tunnel: accepted={proof.get('accepted', False)}, released "
-        "(SubmitTotp round trip as her app measured it)", took=proof.get("rpc_seconds"))
+    released, took, told = client_app(lab, alice, code)
+    say(f"alice's client app (gatewayd-client) prompts her; she types her TOTP code: authorized={released} "
+        "(app start to authorized)", took=took)
+    for line in told:
+        detail(f"gatewayd-client: {line}")
     say(f"alice: server {reach(lab, alice)} again")
     flood.wait(30)
     try:
@@ -211,9 +223,8 @@ def restart_held_from_first_packet(lab: Lab, ctl: Any, alice: LabPeer, used_code
         detail("waiting for alice's next TOTP code (a code counts once)")
     while (code := totp.now()) == used_code:
         time.sleep(0.5)
-    proof = agent(lab, alice.ns, "totp", "--gateway", CHALLENGE, "--code", code)
-    say(f"alice proves again: accepted={proof.get('accepted', False)}; server {reach(lab, alice)}",
-        took=proof.get("rpc_seconds"))
+    released, took, _ = client_app(lab, alice, code)
+    say(f"alice proves again with gatewayd-client: authorized={released}; server {reach(lab, alice)}", took=took)
     Lab.stop(sink)
     datagrams = json.loads((lab.workdir / "sink2.json").read_text())["datagrams"]
     held = sum(1 for d in datagrams if d["tag"] == "restarted")

@@ -1,97 +1,78 @@
-"""Prometheus metrics: a small registry writing the text exposition format (served by
-gatewayd.adapters.metrics).
+"""Prometheus metrics through prometheus_client (served by gatewayd.adapters.metrics).
 
-Counters and histograms are updated where things happen; gauges are read at scrape time from callbacks, so a
-scrape always sees the current state. No secrets are ever labels or values.
+Counters and histograms are prometheus_client's, updated where things happen; gauges are read at scrape time
+from callbacks (a collector of our own), so a scrape always sees the current state. The exposition is
+prometheus_client's `generate_latest`, called on the event loop: the callbacks read state that only the loop
+changes (prometheus_client's own HTTP server would call them from another thread). No secrets are ever labels
+or values.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import prometheus_client
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 Labels = tuple[tuple[str, str], ...]
 
-
-def _labels(labels: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
-    items = labels + extra
-    if not items:
-        return ""
-    body = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in items)
-    return "{" + body + "}"
+# No `_created` series next to each counter and histogram: the names and series stay what they were.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Counter:
-    def __init__(self, name: str, help_: str) -> None:
-        self.name, self.help = name, help_
-        self.values: dict[Labels, float] = {}
+    """A counter with keyword labels (`inc(factor="totp", outcome="accepted")`)."""
+
+    def __init__(self, metric: prometheus_client.Counter, labelnames: Sequence[str]) -> None:
+        self._metric, self._labelled = metric, bool(labelnames)
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
-        for labels, value in sorted(self.values.items()):
-            yield f"{self.name}{_labels(labels)} {value}"
+        (self._metric.labels(**labels) if self._labelled else self._metric).inc(amount)
 
 
 class Histogram:
-    def __init__(self, name: str, help_: str, buckets: Iterable[float]) -> None:
-        self.name, self.help = name, help_
-        self.bounds = sorted(buckets)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
+    def __init__(self, metric: prometheus_client.Histogram) -> None:
+        self._metric = metric
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} histogram"
-        running = 0
-        for bound, count in zip([*self.bounds, math.inf], self.counts, strict=True):
-            running += count
-            le = "+Inf" if bound == math.inf else repr(bound)
-            yield f'{self.name}_bucket{{le="{le}"}} {running}'
-        yield f"{self.name}_sum {self.sum}"
-        yield f"{self.name}_count {running}"
+        self._metric.observe(value)
 
 
-class Gauge:
-    def __init__(self, name: str, help_: str, read: Callable[[], dict[Labels, float] | float]) -> None:
-        self.name, self.help, self.read = name, help_, read
+class _Gauges(Collector):
+    """Gauges whose values are read from callbacks when scraped."""
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} gauge"
-        value = self.read()
-        items = value.items() if isinstance(value, dict) else [((), value)]
-        for labels, v in sorted(items):
-            yield f"{self.name}{_labels(labels)} {float(v)}"
+    def __init__(self) -> None:
+        self.gauges: list[tuple[str, str, Callable[[], dict[Labels, float] | float]]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for name, help_, read in self.gauges:
+            value = read()
+            if isinstance(value, dict):
+                names = [k for k, _ in next(iter(value), ())]
+                family = GaugeMetricFamily(name, help_, labels=names)
+                for labels, v in sorted(value.items()):
+                    family.add_metric([v_ for _, v_ in labels], float(v))
+            else:
+                family = GaugeMetricFamily(name, help_, value=float(value))
+            yield family
 
 
 class Registry:
     def __init__(self) -> None:
-        self.metrics: list[Counter | Histogram | Gauge] = []
+        self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
+        self._gauges = _Gauges()
+        self.registry.register(self._gauges)
 
-    def counter(self, name: str, help_: str) -> Counter:
-        c = Counter(name, help_)
-        self.metrics.append(c)
-        return c
+    def counter(self, name: str, help_: str, labelnames: Sequence[str] = ()) -> Counter:
+        return Counter(prometheus_client.Counter(name, help_, labelnames=labelnames, registry=self.registry),
+                       labelnames)
 
     def histogram(self, name: str, help_: str, buckets: Iterable[float]) -> Histogram:
-        h = Histogram(name, help_, buckets)
-        self.metrics.append(h)
-        return h
+        return Histogram(prometheus_client.Histogram(name, help_, buckets=tuple(buckets), registry=self.registry))
 
-    def gauge(self, name: str, help_: str, read: Callable[[], dict[Labels, float] | float]) -> Gauge:
-        g = Gauge(name, help_, read)
-        self.metrics.append(g)
-        return g
+    def gauge(self, name: str, help_: str, read: Callable[[], dict[Labels, float] | float]) -> None:
+        self._gauges.gauges.append((name, help_, read))
 
     def render(self) -> str:
-        return "\n".join(line for m in self.metrics for line in m.render()) + "\n"
+        return prometheus_client.generate_latest(self.registry).decode()

@@ -35,7 +35,7 @@ class Metrics:
         return cls(
             registry=r,
             challenge_results=r.counter("gatewayd_challenge_results_total",
-                                        "Proof submissions by factor and outcome"),
+                                        "Proof submissions by factor and outcome", ("factor", "outcome")),
             disconnect_seconds=r.histogram("gatewayd_disconnect_seconds",
                                            "Disconnect latency from call to answer (enforced and committed)",
                                            LATENCY_BUCKETS),
@@ -45,5 +45,5 @@ class Metrics:
                 "gatewayd_handshake_verdict_seconds",
                 "Handshake initiation held until its session was decided and enforced", VERDICT_BUCKETS),
             handshake_initiations=r.counter("gatewayd_handshake_initiations_total",
-                                            "Queued handshake packets by outcome"),
+                                            "Queued handshake packets by outcome", ("outcome",)),
         )

@@ -29,7 +29,9 @@ def test_demo_completes_and_cleans_up() -> None:
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "0 sent after its answer (must be 0)" in out
-    assert "accepted=True, released" in out and "gatewayctl events --follow: disconnect.executed" in out
+    assert "she types her TOTP code: authorized=True" in out and "gatewayd-client: accepted" in out
+    assert "proves again with gatewayd-client: authorized=True" in out
+    assert "gatewayctl events --follow: disconnect.executed" in out
     assert lab_namespaces() == before
 
 
