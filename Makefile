@@ -5,9 +5,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SYSTEM_PACKAGES := nftables libnftables1 wireguard-go wireguard-tools mosquitto mosquitto-clients \
-	conntrack iproute2 systemd procps iptables etcd-server etcd-client prometheus
+	conntrack iproute2 systemd procps iptables etcd-server etcd-client prometheus systemd-container
 
-.PHONY: test demo deps system-deps proto lint typecheck bench fuzz clean
+.PHONY: test demo deps system-deps proto lint typecheck bench fuzz clean deb install
 
 deps: system-deps $(BIN)/.installed
 
@@ -56,3 +56,10 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+
+# A Debian package of gatewayd in dist/ (packaging/deb/build.sh), and the same layout without a package.
+deb: system-deps
+	bash packaging/deb/build.sh dist
+
+install: system-deps
+	bash packaging/install.sh
