@@ -142,9 +142,19 @@ class EtcdLedger:
         out = {}
         for kv in kvs:
             try:
-                out[self._relative(kv.key)] = (json.loads(kv.value), kv.mod_revision)
+                key = self._relative(kv.key)
+            except UnicodeDecodeError:
+                continue  # not a key gatewayd writes (they are ASCII)
+            try:
+                value = json.loads(kv.value)
             except (ValueError, UnicodeDecodeError):
-                log.error("fleet: ignoring a malformed ledger entry %r", kv.key[:200])
+                value = None
+            if not isinstance(value, dict):
+                # Kept with its revision, read as empty: a transaction must still compare against it, or every
+                # proof of that member would fail its compare forever.
+                log.error("fleet: a malformed ledger entry %r is read as empty", key[:200])
+                value = {}
+            out[key] = (value, kv.mod_revision)
         return out
 
     async def snapshot(self, under: str = "") -> tuple[dict[str, tuple[Value, int]], int]:
@@ -217,14 +227,21 @@ class EtcdLedger:
                     raise LedgerUnavailable(f"etcd canceled the watch: {reply.cancel_reason}")
                 changes: list[tuple[str, Value | None, int]] = []
                 for event in reply.events:
-                    key = self._relative(event.kv.key)
+                    try:
+                        key = self._relative(event.kv.key)
+                    except UnicodeDecodeError:
+                        continue  # not a key gatewayd writes
                     if event.type == rpc.Event.DELETE:
                         changes.append((key, None, event.kv.mod_revision))
                         continue
                     try:
-                        changes.append((key, json.loads(event.kv.value), event.kv.mod_revision))
+                        value = json.loads(event.kv.value)
                     except (ValueError, UnicodeDecodeError):
-                        log.error("fleet: ignoring a malformed ledger entry %r", key[:200])
+                        value = None
+                    if not isinstance(value, dict):
+                        log.error("fleet: a malformed ledger entry %r is read as empty", key[:200])
+                        value = {}
+                    changes.append((key, value, event.kv.mod_revision))
                 yield reply.header.revision, changes
         except grpc.aio.AioRpcError as exc:
             raise LedgerUnavailable(f"etcd watch: {exc.code().name}: {exc.details() or ''}") from None

@@ -250,11 +250,11 @@ class Fleet:
         out = []
         for target, ident in ((ledger.Target.MEMBER, member_id), (ledger.Target.TEAM, team_id),
                               *((ledger.Target.PEER, k) for k in keys)):
-            entry = self.entries.get(ledger.demand_key(target, ident))
-            if entry is not None:
-                value = entry[0]
-                out.append(ApplyDemand(target=target, ident=ident, after=float(value["after"]),
-                                       reason=str(value.get("reason", "")), by=str(value.get("by", ""))))
+            key = ledger.demand_key(target, ident)
+            entry = self.entries.get(key)
+            job = self._job_for(key, entry[0]) if entry is not None else None
+            if isinstance(job, ApplyDemand):
+                out.append(job)
         return out
 
     async def demand(self, target: ledger.Target, ident: str, after: float, reason: str) -> str | None:

@@ -158,3 +158,29 @@ async def test_unreachable_etcd_fails_closed_or_decides_locally_as_configured(tm
                 assert await fleet.decide(claim) is None and fleet.local_decisions == 1
         finally:
             await store.close()
+
+
+async def test_a_malformed_entry_is_read_as_empty_and_does_not_stop_the_watch(
+        cluster: tuple[EtcdCluster, Path], fleets: tuple[Fleet, Fleet, Jobs]) -> None:
+    """Someone with write access put garbage under the prefix: proofs of that member still decide (on an empty
+    count), and the watch goes on to the next demand."""
+    etcd, _ = cluster
+    a, b, jobs = fleets
+    prefix = a.ledger.settings.prefix  # type: ignore[attr-defined]
+    await b.load()
+    watching = asyncio.ensure_future(b.run())
+    try:
+        for key, value in ((ledger.attempts_key("g"), "not json"), (ledger.demand_key(ledger.Target.MEMBER, "g"),
+                                                                    "[1, 2]")):
+            assert etcd.etcdctl("put", prefix + key, value).returncode == 0
+        d = await a.decide(Claim(member_id="g", factor="totp", verified=False, reason="wrong_code"))
+        assert d is not None and d.outcome is Outcome.FAILED and d.attempts.failures == 1
+        await a.demand(ledger.Target.MEMBER, "after-garbage", 5.0, "next")
+        async with asyncio.timeout(10):
+            await jobs.until(lambda: any(isinstance(j, ApplyDemand) and j.ident == "after-garbage"
+                                         for j in jobs.jobs))
+        assert not any(isinstance(j, ApplyDemand) and j.ident == "g" for j in jobs.jobs)
+        assert not watching.done()
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
