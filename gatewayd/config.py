@@ -131,7 +131,8 @@ class MqttSection:
     port: int = 1883
     """Broker port."""
     brokers: list[str] = field(default_factory=list)
-    """More brokers (host:port), tried in turn after host:port when the one in use cannot be reached."""
+    """More brokers (host:port; a name or an address), tried in turn after host:port when the one in use cannot
+    be reached."""
     topic_prefix: str = "gatewayd"
     """Events go to <topic_prefix>/<gateway id>/events/<type>; status to <topic_prefix>/<gateway id>/status."""
     client_id: str = ""
@@ -350,7 +351,10 @@ def validate(cfg: Config) -> Config:
         if not 1 <= mq.port <= 65535:
             raise ConfigError("mqtt.port", "must be a port number")
         for i, broker in enumerate(mq.brokers):
-            _host_port(f"mqtt.brokers[{i}]", broker)
+            host, sep, port = broker.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 \
+                    or any(c.isspace() or c in "/@" for c in host):
+                raise ConfigError(f"mqtt.brokers[{i}]", f"{broker!r} is not host:port")
         if not 1 <= mq.in_flight <= 1000:
             raise ConfigError("mqtt.in_flight", "must be 1 to 1000")
         if not 5 <= mq.keepalive <= 3600:

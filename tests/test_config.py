@@ -64,6 +64,9 @@ FLEET = "[fleet]\nendpoints = ['10.0.0.1:2379']\nname = 'eu'\nca_file = '/ca'\nc
     (FLEET + "on_unavailable = 'open'\n", "fleet.on_unavailable"),
     (FLEET + "on_unavailable = true\n", "fleet.on_unavailable"),
     ("[mqtt]\nhost = 'b1'\nbrokers = ['b2']\n", "mqtt.brokers[0]"),
+    ("[mqtt]\nhost = 'b1'\nbrokers = ['b2:0']\n", "mqtt.brokers[0]"),
+    ("[mqtt]\nhost = 'b1'\nbrokers = [':1883']\n", "mqtt.brokers[0]"),
+    ("[mqtt]\nhost = 'b1'\nbrokers = ['user@b2:1883']\n", "mqtt.brokers[0]"),
     ("[mqtt]\nhost = 'b1'\nbrokers = ['10.0.0.2:0x10']\n", "mqtt.brokers[0]"),
 ])
 def test_bad_key_or_value_is_named(snippet: str, key: str) -> None:
@@ -96,3 +99,4 @@ def test_fleet_example_parses_and_a_fleet_needs_no_other_change() -> None:
     assert len(cfg.fleet.endpoints) == 3 and cfg.fleet.on_unavailable == "closed"
     assert cfg.mqtt.brokers and cfg.gateway.id == "gw-paris-1"
     assert parse(FLEET).fleet.name == "eu" and not parse("").fleet.endpoints
+    assert parse("[mqtt]\nhost = 'b1'\nbrokers = ['b2.example.net:8883', '[fd00::2]:1883']\n").mqtt.brokers

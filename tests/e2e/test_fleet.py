@@ -216,6 +216,33 @@ def test_fleet_disconnect_at_a_follows_the_member_to_other_gateways(fleet: Fleet
     assert applied and applied[-1]["by"] == a.gw_id and applied[-1]["reason"] == "SIEM: impossible travel"
 
 
+def test_fleet_disconnect_of_a_team_or_of_one_device_key(fleet: FleetLab) -> None:
+    """Scope FLEET with the other two targets: a team (every member's peers at every gateway) and one peer key
+    (the same device connects to two gateways)."""
+    a, b, c = fleet.gateways
+    for g in fleet.gateways:
+        g.gw.control().ApplyTeamPolicy(control_pb2.ApplyTeamPolicyRequest(policy=control_pb2.TeamPolicy(
+            team_id="red", version=1, scope=types_pb2.MFA_SCOPE_BOTH, roles=types_pb2.MFA_ROLES_ALL)))
+    team_keys = enroll(fleet, "red1", team="red", secret=os.urandom(20), slot=11)
+    answer = b.gw.control().Disconnect(control_pb2.DisconnectRequest(
+        team_id="red", idempotency_key="red-1", scope=control_pb2.DISCONNECT_SCOPE_FLEET))
+    assert answer.fleet_demand_recorded
+    for g, key in zip(fleet.gateways, team_keys, strict=True):
+        wait_state(g, key, types_pb2.PEER_STATE_QUARANTINED)
+    device = random_key()
+    for g in (a, c):
+        g.gw.control().UpsertMember(control_pb2.UpsertMemberRequest(
+            member_id="pk", team_id="open", role=types_pb2.MEMBER_ROLE_MEMBER, peer_public_keys=[device],
+            totp=control_pb2.TotpEnrollment(secret=os.urandom(20), digits=6)))
+        fleet.connect(g, device, 12)
+        wait_state(g, device, types_pb2.PEER_STATE_AUTHORIZED)
+    answer = a.gw.control().Disconnect(control_pb2.DisconnectRequest(
+        peer_public_key=device, idempotency_key="pk-1", scope=control_pb2.DISCONNECT_SCOPE_FLEET))
+    assert answer.fleet_demand_recorded and answer.peers_quarantined == 1
+    wait_state(c, device, types_pb2.PEER_STATE_QUARANTINED)
+    assert tunnel_ip(2, 12) in fleet.quarantined(c)
+
+
 def test_a_member_enrolled_at_a_gateway_after_the_demand_owes_it_there(fleet: FleetLab) -> None:
     a, _, c = fleet.gateways
     key_a, key_c = random_key(), random_key()
