@@ -3,7 +3,6 @@ and the rules and the Grafana dashboard name only metrics that gatewayd exports.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shutil
@@ -14,7 +13,7 @@ import pytest
 
 from tests.conftest import REQUIRE_KERNEL
 from tests.harness import Harness, gw  # noqa: F401 (fixture)
-from tests.runtime.test_operability import scrape
+from tests.runtime.test_operability import metrics_page, scrape
 
 CONTRIB = Path(__file__).resolve().parents[1] / "contrib"
 RULES = CONTRIB / "prometheus" / "gatewayd-alerts.yml"
@@ -52,12 +51,7 @@ def names_in(text: str) -> set[str]:
 
 async def exported_names(gw: Harness) -> set[str]:  # noqa: F811
     """Every metric family the endpoint describes (a labelled counter has no sample before its first use)."""
-    assert gw.daemon.metrics_server is not None
-    port = gw.daemon.metrics_server.sockets[0].getsockname()[1]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    text = (await reader.read()).decode()
-    writer.close()
+    text = await metrics_page(gw)
     names = set()
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M):
         names.add(name)

@@ -21,7 +21,8 @@ async def ctl(gw: Harness, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def scrape(gw: Harness) -> dict[str, float]:
+async def metrics_page(gw: Harness) -> str:
+    """The body of GET /metrics."""
     assert gw.daemon.metrics_server is not None
     port = gw.daemon.metrics_server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -29,8 +30,12 @@ async def scrape(gw: Harness) -> dict[str, float]:
     data = (await reader.read()).decode()
     writer.close()
     assert data.startswith("HTTP/1.1 200 OK")
+    return data.split("\r\n\r\n", 1)[1]
+
+
+async def scrape(gw: Harness) -> dict[str, float]:
     values = {}
-    for line in data.split("\r\n\r\n", 1)[1].splitlines():
+    for line in (await metrics_page(gw)).splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             values[name] = float(value)
