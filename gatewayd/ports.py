@@ -230,9 +230,9 @@ class FleetLedger(Protocol):
 
     async def transact(self, compares: Mapping[str, int],
                        writes: Mapping[str, tuple[LedgerValue | None, Lifetime]],
-                       refresh: str) -> tuple[bool, int, Entries]:
+                       refresh: Sequence[str]) -> tuple[bool, int, Entries]:
         """If every key still has its mod_revision (0: absent), apply the writes: (True, revision, {});
-        otherwise write nothing: (False, revision, every entry under `refresh`)."""
+        otherwise write nothing: (False, revision, every entry under the `refresh` prefixes)."""
         ...
 
     async def put(self, key: str, value: LedgerValue, lifetime: Lifetime) -> int:
@@ -240,8 +240,8 @@ class FleetLedger(Protocol):
         ...
 
     def watch(self, after: int) -> AsyncIterator[tuple[int, list[tuple[str, LedgerValue | None, int]]]]:
-        """Changes from revision after+1 on: (revision, [(key, value or None if deleted, mod_revision)]).
-        Raises LedgerCompacted or LedgerUnavailable."""
+        """Changes of the watched keys (under `w/`) from revision after+1 on: (revision, [(key, value or None if
+        deleted, mod_revision)]). Raises LedgerCompacted or LedgerUnavailable."""
         ...
 
 

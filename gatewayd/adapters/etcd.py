@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from aetcd import rpc
 
-from gatewayd.auth.ledger import Entries, Lifetime
+from gatewayd.auth.ledger import WATCHED, Entries, Lifetime
 from gatewayd.ports import LedgerCompacted, LedgerUnavailable
 
 log = logging.getLogger(__name__)
@@ -188,18 +188,21 @@ class EtcdLedger:
         return ops
 
     async def transact(self, compares: Mapping[str, int], writes: Mapping[str, tuple[Value | None, Lifetime]],
-                       refresh: str) -> tuple[bool, int, Entries]:
+                       refresh: Sequence[str]) -> tuple[bool, int, Entries]:
         """If every key still has its mod_revision (0: absent), apply the writes: (True, revision, {}).
-        Otherwise nothing is written: (False, revision, every entry under `refresh` now)."""
+        Otherwise nothing is written: (False, revision, every entry under the `refresh` prefixes now)."""
         cmp = [rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=self._prefix + k.encode(),
                            mod_revision=rev) for k, rev in compares.items()]
-        under = self._prefix + refresh.encode()
-        failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=under, range_end=_range_end(under)))]
+        unders = [self._prefix + r.encode() for r in refresh]
+        failure = [rpc.RequestOp(request_range=rpc.RangeRequest(key=u, range_end=_range_end(u))) for u in unders]
         reply = await self._call(self._kv.Txn, rpc.TxnRequest(compare=cmp, success=await self._ops(writes),
                                                               failure=failure))
         if reply.succeeded:
             return True, reply.header.revision, {}
-        return False, reply.header.revision, self._entries(reply.responses[0].response_range.kvs)
+        fresh: dict[str, tuple[Value, int]] = {}
+        for response in reply.responses:
+            fresh.update(self._entries(response.response_range.kvs))
+        return False, reply.header.revision, fresh
 
     async def put(self, key: str, value: Value, lifetime: Lifetime) -> int:
         """Write one entry unconditionally; returns its revision."""
@@ -208,15 +211,15 @@ class EtcdLedger:
         return int(reply.header.revision)
 
     async def watch(self, after: int) -> AsyncIterator[tuple[int, list[tuple[str, Value | None, int]]]]:
-        """Changes under the prefix from revision after+1 on: (revision, [(key, value or None if deleted,
-        mod_revision)]). Raises LedgerCompacted, or LedgerUnavailable when the stream breaks (the member lost its
-        leader, or the connection)."""
+        """Changes of the watched keys (under `w/`: demands, attempts, resets) from revision after+1 on:
+        (revision, [(key, value or None if deleted, mod_revision)]). Raises LedgerCompacted, or LedgerUnavailable
+        when the stream breaks (the member lost its leader, or the connection)."""
         assert self._channel is not None
         call = self._watch.Watch(metadata=(("hasleader", "true"),))
         try:
+            watched = self._prefix + WATCHED.encode()
             await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-                key=self._prefix, range_end=_range_end(self._prefix), start_revision=after + 1,
-                progress_notify=True)))
+                key=watched, range_end=_range_end(watched), start_revision=after + 1, progress_notify=True)))
             while True:
                 reply = await call.read()
                 if reply is grpc.aio.EOF:

@@ -2,7 +2,8 @@
 once. Pure: the ledger entries (as read, with their revisions) and `now` come in, a Decision goes out; the
 runtime turns it into one etcd transaction and, when another gateway wrote first, decides again on fresh entries.
 
-What is shared, per member (README, "Fleet"):
+What is shared, per member (README, "Fleet"); the keys that other gateways must act on live under `w/` (watched),
+the spends under `s/` (read by the transactions that need them, not sent to every gateway at every proof):
 - `attempts`: consecutive failures and the lock (absent: none). Every proof compares it, so a proof is gated on
   exactly the state it commits against: N gateways do not give N x max_failures guesses.
 - `totp/<factor id>`: the last accepted TOTP step of that secret (a code is spent fleet-wide before success is
@@ -38,7 +39,17 @@ def backup_set_id(salt: bytes) -> str:
 
 
 def member_prefix(member_id: str) -> str:
-    return f"m/{quote(member_id, safe='')}/"
+    """The member's watched keys (attempts, confirmed resets)."""
+    return f"w/m/{quote(member_id, safe='')}/"
+
+
+def spends_prefix(member_id: str) -> str:
+    """The member's spends (TOTP steps, backup codes): no other gateway acts on them when they change."""
+    return f"s/{quote(member_id, safe='')}/"
+
+
+WATCHED = "w/"
+"""What every gateway follows: demands, attempts, confirmed resets."""
 
 
 def attempts_key(member_id: str) -> str:
@@ -46,11 +57,11 @@ def attempts_key(member_id: str) -> str:
 
 
 def totp_key(member_id: str, factor_id: str) -> str:
-    return member_prefix(member_id) + f"totp/{factor_id}"
+    return spends_prefix(member_id) + f"totp/{factor_id}"
 
 
 def backup_key(member_id: str, set_id: str) -> str:
-    return member_prefix(member_id) + f"backup/{set_id}"
+    return spends_prefix(member_id) + f"backup/{set_id}"
 
 
 def reset_key(member_id: str, factor_id: str) -> str:
@@ -66,7 +77,7 @@ class Target(enum.Enum):
 
 
 def demand_key(target: Target, ident: str) -> str:
-    return f"d/{target.value}/{quote(ident, safe='')}"
+    return f"w/d/{target.value}/{quote(ident, safe='')}"
 
 
 class Lifetime(enum.Enum):

@@ -109,14 +109,20 @@ def cmd_probe(args: argparse.Namespace) -> None:
     host, port = args.to.rsplit(":", 1)
     start = time.monotonic()
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.settimeout(args.timeout)
+        # A blocking connect bounded by SO_SNDTIMEO: the kernel's own verdict. (Python's timeout mode polls and
+        # reads SO_ERROR, and after an ICMP refusal during the handshake that read can come back 0 for a socket
+        # that never connected: a false "connected".)
+        seconds = int(args.timeout)
+        micros = int((args.timeout - seconds) * 1e6)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros))
         try:
             s.connect((host.strip("[]"), int(port)))
+            s.getpeername()  # raises ENOTCONN unless the handshake really completed
             result = "connected"
         except TimeoutError:
             result = "timeout"
         except OSError as exc:
-            result = errno.errorcode.get(exc.errno or 0, str(exc))
+            result = "timeout" if exc.errno == errno.EINPROGRESS else errno.errorcode.get(exc.errno or 0, str(exc))
     print(json.dumps({"to": args.to, "result": result, "seconds": time.monotonic() - start}))
 
 

@@ -140,9 +140,9 @@ class Fleet:
             self._deleted.pop(key, None)
         return True
 
-    def _refresh(self, prefix: str, fresh: ledger.Entries, revision: int) -> None:
-        """Everything under `prefix` as read at `revision`."""
-        for key in [k for k in self.entries if k.startswith(prefix) and k not in fresh]:
+    def _refresh(self, prefixes: tuple[str, ...], fresh: ledger.Entries, revision: int) -> None:
+        """Everything under `prefixes` as read at `revision`."""
+        for key in [k for k in self.entries if k.startswith(prefixes) and k not in fresh]:
             self._store(key, None, revision)
         for key, (value, rev) in fresh.items():
             self._store(key, value, rev)
@@ -162,6 +162,9 @@ class Fleet:
     def _job_for(key: str, value: Value | None) -> Job[None] | None:
         """The job that brings another gateway's write into this gateway's state, if it needs one."""
         parts = key.split("/")
+        if parts[0] != "w":
+            return None  # a spend: decided by the transactions that read it
+        parts = parts[1:]
         try:
             if parts[0] == "d" and len(parts) == 3 and value is not None:
                 return ApplyDemand(target=ledger.Target(parts[1]), ident=unquote(parts[2]),
@@ -222,16 +225,16 @@ class Fleet:
     async def decide(self, claim: ledger.Claim) -> ledger.Decision | None:
         """The fleet's decision on a checked proof, committed in etcd; None if etcd cannot be reached and the
         fleet runs in `local` mode (raises UNAVAILABLE in `closed` mode)."""
-        prefix = ledger.member_prefix(claim.member_id)
+        prefixes = (ledger.member_prefix(claim.member_id), ledger.spends_prefix(claim.member_id))
         try:
             for _ in range(MAX_TRIES):
                 decision = ledger.decide(claim, self.entries, self.policy(), self.clock(), self.gateway)
-                ok, revision, fresh = await self.ledger.transact(decision.compares, decision.writes, prefix)
+                ok, revision, fresh = await self.ledger.transact(decision.compares, decision.writes, prefixes)
                 if ok:
                     for key, (value, _) in decision.writes.items():
                         self._store(key, value, revision)
                     return decision
-                self._refresh(prefix, fresh, revision)
+                self._refresh(prefixes, fresh, revision)
         except LedgerUnavailable as exc:
             if self.mode == "local":
                 self.local_decisions += 1
@@ -271,7 +274,7 @@ class Fleet:
         """Clear the member's failure count fleet-wide (UnlockMfa)."""
         key = ledger.attempts_key(member_id)
         try:
-            _, revision, _ = await self.ledger.transact({}, {key: (None, ledger.Lifetime.KEEP)}, key)
+            _, revision, _ = await self.ledger.transact({}, {key: (None, ledger.Lifetime.KEEP)}, (key,))
         except LedgerUnavailable as exc:
             raise Refused(Status.UNAVAILABLE, f"the fleet ledger cannot be reached ({exc}); the member stays locked "
                           "fleet-wide: try again shortly") from None

@@ -22,9 +22,13 @@ def totp(step: int, **kw: Any) -> Claim:
 
 
 def test_member_ids_cannot_escape_their_prefix() -> None:
-    assert ledger.attempts_key(M) == "m/alice%2F..%2Fx%252F/attempts"
+    assert ledger.attempts_key(M) == "w/m/alice%2F..%2Fx%252F/attempts"
+    assert ledger.totp_key(M, "f") == "s/alice%2F..%2Fx%252F/totp/f"
     assert ledger.attempts_key("a") != ledger.attempts_key("a/attempts")
-    assert ledger.demand_key(ledger.Target.MEMBER, "a/b") == "d/member/a%2Fb"
+    assert ledger.demand_key(ledger.Target.MEMBER, "a/b") == "w/d/member/a%2Fb"
+    # Watched: what other gateways act on; spends are not sent to every gateway at every proof.
+    assert ledger.attempts_key(M).startswith(ledger.WATCHED) and ledger.reset_key(M, "f").startswith("w/")
+    assert not ledger.backup_key(M, "s").startswith(ledger.WATCHED)
 
 
 def test_a_fresh_totp_step_is_spent_and_every_read_is_compared() -> None:
