@@ -20,6 +20,17 @@ def kernel_missing() -> str | None:
     return None
 
 
+def require_tools(*tools: str, package: str) -> None:
+    """Skip unless the tools are installed; under GATEWAYD_REQUIRE_KERNEL=1 (CI) their absence is a failure, so
+    that a missing Debian package cannot hide tests."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not missing:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"needs {', '.join(missing)} (Debian {package}) but GATEWAYD_REQUIRE_KERNEL=1")
+    pytest.skip(f"needs {', '.join(missing)} (Debian {package})")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("kernel") is None:
         return

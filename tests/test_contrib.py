@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import REQUIRE_KERNEL
+from tests.conftest import require_tools
 from tests.harness import Harness, gw  # noqa: F401 (fixture)
 from tests.runtime.test_operability import metrics_page, scrape
 
@@ -21,10 +18,7 @@ FLEET_ONLY = {"gatewayd_fleet_ledger_watching", "gatewayd_fleet_unavailable_refu
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    if shutil.which("promtool") is None:
-        if REQUIRE_KERNEL:
-            pytest.fail("promtool (Debian prometheus) is missing but GATEWAYD_REQUIRE_KERNEL=1")
-        pytest.skip("needs promtool (Debian prometheus)")
+    require_tools("promtool", package="prometheus")
     return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60, check=False,
                           cwd=RULES.parent)
 

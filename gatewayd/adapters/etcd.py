@@ -25,11 +25,10 @@ import grpc
 from aetcd import rpc
 
 from gatewayd.auth.ledger import WATCHED, Entries, Lifetime
-from gatewayd.ports import LedgerCompacted, LedgerUnavailable
+from gatewayd.ports import LedgerCompacted, LedgerUnavailable, LedgerValue
 
 log = logging.getLogger(__name__)
 
-Value = dict[str, Any]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,7 +137,7 @@ class EtcdLedger:
     def _relative(self, key: bytes) -> str:
         return key[len(self._prefix):].decode()
 
-    def _entries(self, kvs: Any) -> dict[str, tuple[Value, int]]:
+    def _entries(self, kvs: Any) -> dict[str, tuple[LedgerValue, int]]:
         out = {}
         for kv in kvs:
             try:
@@ -157,7 +156,7 @@ class EtcdLedger:
             out[key] = (value, kv.mod_revision)
         return out
 
-    async def snapshot(self, under: str = "") -> tuple[dict[str, tuple[Value, int]], int]:
+    async def snapshot(self, under: str = "") -> tuple[dict[str, tuple[LedgerValue, int]], int]:
         """Every entry under `under` (relative to the prefix), and the revision they were read at."""
         key = self._prefix + under.encode()
         reply = await self._call(self._kv.Range, rpc.RangeRequest(key=key, range_end=_range_end(key)))
@@ -175,7 +174,7 @@ class EtcdLedger:
             self._leases[lifetime] = (reply.ID, time.monotonic() + ttl / 10)
             return int(reply.ID)
 
-    async def _ops(self, writes: Mapping[str, tuple[Value | None, Lifetime]]) -> list[Any]:
+    async def _ops(self, writes: Mapping[str, tuple[LedgerValue | None, Lifetime]]) -> list[Any]:
         ops = []
         for key, (value, lifetime) in writes.items():
             full = self._prefix + key.encode()
@@ -187,7 +186,7 @@ class EtcdLedger:
                     lease=await self._lease_for(lifetime))))
         return ops
 
-    async def transact(self, compares: Mapping[str, int], writes: Mapping[str, tuple[Value | None, Lifetime]],
+    async def transact(self, compares: Mapping[str, int], writes: Mapping[str, tuple[LedgerValue | None, Lifetime]],
                        refresh: Sequence[str]) -> tuple[bool, int, Entries]:
         """If every key still has its mod_revision (0: absent), apply the writes: (True, revision, {}).
         Otherwise nothing is written: (False, revision, every entry under the `refresh` prefixes now)."""
@@ -199,18 +198,18 @@ class EtcdLedger:
                                                               failure=failure))
         if reply.succeeded:
             return True, reply.header.revision, {}
-        fresh: dict[str, tuple[Value, int]] = {}
+        fresh: dict[str, tuple[LedgerValue, int]] = {}
         for response in reply.responses:
             fresh.update(self._entries(response.response_range.kvs))
         return False, reply.header.revision, fresh
 
-    async def put(self, key: str, value: Value, lifetime: Lifetime) -> int:
+    async def put(self, key: str, value: LedgerValue, lifetime: Lifetime) -> int:
         """Write one entry unconditionally; returns its revision."""
         ops = await self._ops({key: (value, lifetime)})
         reply = await self._call(self._kv.Txn, rpc.TxnRequest(success=ops))
         return int(reply.header.revision)
 
-    async def watch(self, after: int) -> AsyncIterator[tuple[int, list[tuple[str, Value | None, int]]]]:
+    async def watch(self, after: int) -> AsyncIterator[tuple[int, list[tuple[str, LedgerValue | None, int]]]]:
         """Changes of the watched keys (under `w/`: demands, attempts, resets) from revision after+1 on:
         (revision, [(key, value or None if deleted, mod_revision)]). Raises LedgerCompacted, or LedgerUnavailable
         when the stream breaks (the member lost its leader, or the connection)."""
@@ -228,7 +227,7 @@ class EtcdLedger:
                     raise LedgerCompacted(f"revisions up to {reply.compact_revision} were compacted")
                 if reply.canceled:
                     raise LedgerUnavailable(f"etcd canceled the watch: {reply.cancel_reason}")
-                changes: list[tuple[str, Value | None, int]] = []
+                changes: list[tuple[str, LedgerValue | None, int]] = []
                 for event in reply.events:
                     try:
                         key = self._relative(event.kv.key)

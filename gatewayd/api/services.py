@@ -15,7 +15,6 @@ import grpc
 
 from gatewayd.api import convert
 from gatewayd.auth import backup, totp
-from gatewayd.auth.ledger import Target
 from gatewayd.core.model import Peer
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.errors import Refused, Status
@@ -64,10 +63,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
         if job.fleet and self.fleet is not None:
             # Enforced here first (the job above); then recorded for the fleet (a retry with the same key
             # records it again with the first Disconnect's time).
-            target, ident = ((Target.MEMBER, job.member_id) if job.member_id is not None else
-                             (Target.TEAM, job.team_id) if job.team_id is not None else (Target.PEER, job.public_key))
-            assert ident is not None
-            problem = await self.fleet.demand(target, ident, result.at, job.reason)
+            problem = await self.fleet.demand(*job.fleet_target(), result.at, job.reason)
             result = replace(result, fleet_recorded=problem is None,
                              pending=result.pending + ((problem,) if problem else ()))
         return convert.disconnect_response(result)

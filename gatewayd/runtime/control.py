@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from gatewayd.auth import backup, limits, totp
+from gatewayd.auth.ledger import Target
 from gatewayd.core import events as ev
 from gatewayd.core.model import Member, Role, TeamPolicy
 from gatewayd.core.state import DisconnectOutcome, PolicyOutcome
@@ -181,6 +182,15 @@ class Disconnect:
     """The caller's key: a retry with the same key and request answers the first outcome."""
     fleet: bool = False
     """Fleet scope: the demand also goes to the fleet ledger (by the caller, after this job)."""
+
+    def fleet_target(self) -> tuple[Target, str]:
+        """What the fleet demand names."""
+        if self.member_id is not None:
+            return Target.MEMBER, self.member_id
+        if self.team_id is not None:
+            return Target.TEAM, self.team_id
+        assert self.public_key is not None
+        return Target.PEER, self.public_key
 
     def fingerprint(self) -> str:
         fields: list[object] = [self.member_id, self.public_key, self.team_id, self.reason]

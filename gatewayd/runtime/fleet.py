@@ -24,14 +24,13 @@ from urllib.parse import unquote
 from gatewayd.auth import ledger, limits
 from gatewayd.core import events as ev
 from gatewayd.errors import Refused, Status
-from gatewayd.ports import FleetLedger, LedgerCompacted, LedgerUnavailable
+from gatewayd.ports import FleetLedger, LedgerCompacted, LedgerUnavailable, LedgerValue
 from gatewayd.runtime import proofs
 from gatewayd.runtime.driver import Batch, Job
 from gatewayd.runtime.proofs import Check, Prove, Settle
 
 log = logging.getLogger(__name__)
 
-Value = dict[str, Any]
 MAX_TRIES = 16
 """Transactions per proof when other gateways keep changing the member's entries meanwhile."""
 
@@ -115,7 +114,7 @@ class Fleet:
                  clock: Callable[[], float] = time.time) -> None:
         self.ledger, self.gateway, self.mode, self.policy = ledger_, gateway, mode, policy
         self.submit, self.clock = submit, clock
-        self.entries: dict[str, tuple[Value, int]] = {}
+        self.entries: dict[str, tuple[LedgerValue, int]] = {}
         self._deleted: dict[str, int] = {}
         self.revision = 0
         self.synced = asyncio.Event()
@@ -126,7 +125,7 @@ class Fleet:
 
     # ---- the mirror ---------------------------------------------------------------------------------------
 
-    def _store(self, key: str, value: Value | None, revision: int) -> bool:
+    def _store(self, key: str, value: LedgerValue | None, revision: int) -> bool:
         """Take a change into the mirror; False if the mirror already has it or something newer."""
         current = self.entries.get(key)
         seen = max(current[1] if current else 0, self._deleted.get(key, 0))
@@ -149,17 +148,13 @@ class Fleet:
 
     async def load(self) -> None:
         entries, revision = await self.ledger.snapshot()
-        self.entries.clear()
-        self._deleted.clear()
-        for key, (value, rev) in entries.items():
-            self.entries[key] = (value, rev)
-        self.revision = revision
+        self.entries, self._deleted, self.revision = dict(entries), {}, revision
         await self._apply([(key, value) for key, (value, _) in entries.items()])
         self.synced.set()
         log.info("fleet: ledger read at revision %d (%d entries)", revision, len(entries))
 
     @staticmethod
-    def _job_for(key: str, value: Value | None) -> Job[None] | None:
+    def _job_for(key: str, value: LedgerValue | None) -> Job[None] | None:
         """The job that brings another gateway's write into this gateway's state, if it needs one."""
         parts = key.split("/")
         if parts[0] != "w":
@@ -179,7 +174,7 @@ class Fleet:
             log.error("fleet: ignoring a malformed ledger entry %r: %s", key[:200], exc)
         return None
 
-    async def _apply(self, changes: list[tuple[str, Value | None]]) -> None:
+    async def _apply(self, changes: list[tuple[str, LedgerValue | None]]) -> None:
         """Apply others' writes; submitted together, so that the driver takes them in one batch (a restart
         with thousands of demands in the ledger is one transaction, not thousands)."""
         jobs = [(key, job) for key, value in changes if (job := self._job_for(key, value)) is not None]

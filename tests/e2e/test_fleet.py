@@ -25,7 +25,7 @@ from gatewayd.auth import backup
 from gatewayd.lab.fleet import FleetGateway, FleetLab, random_key, tunnel_ip
 from gatewayd.lab.netlab import run
 from gatewayd.v1 import control_pb2, types_pb2
-from tests.conftest import kernel_missing
+from tests.conftest import kernel_missing, require_tools
 
 pytestmark = pytest.mark.kernel
 
@@ -37,6 +37,7 @@ AUTH = {"max_failures": 10, "free_failures": 10}
 def fleet() -> Iterator[FleetLab]:
     if kernel_missing():
         pytest.skip("the fleet lab needs the kernel")
+    require_tools("etcd", "etcdctl", package="etcd-server, etcd-client")
     lab = FleetLab(3, auth=AUTH)
     with lab.running():
         for g in lab.gateways:

@@ -4,7 +4,6 @@ between gateways, compaction, unavailability in both modes. The daemon around it
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,7 @@ from gatewayd.auth.ledger import Claim, Outcome
 from gatewayd.errors import Refused, Status
 from gatewayd.lab.etcd import EtcdCluster
 from gatewayd.runtime.fleet import ApplyDemand, Fleet
+from tests.conftest import require_tools
 from tests.pki import Authority
 
 pytestmark = pytest.mark.kernel  # needs etcd from Debian's etcd-server, installed with the kernel tools
@@ -24,8 +24,7 @@ pytestmark = pytest.mark.kernel  # needs etcd from Debian's etcd-server, install
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EtcdCluster, Path]]:
-    if shutil.which("etcd") is None:
-        pytest.skip("needs etcd (Debian etcd-server)")
+    require_tools("etcd", "etcdctl", package="etcd-server, etcd-client")
     d = tmp_path_factory.mktemp("etcd")
     ca = Authority("etcd-ca")
     cert, key = ca.issue("localhost", server=True, client_too=True)
