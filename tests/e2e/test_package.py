@@ -12,6 +12,7 @@ the operator's config; remove keeping the state, purge removing it.
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,8 @@ class Container:
                        check=True)
         self.nspawn = subprocess.Popen(
             ["systemd-nspawn", "-D", str(self.root), "--private-network", "--register=no", "--keep-unit",
-             "-M", f"gwdpkg{self.base.name[-6:].lower()}", "--console=passive", "-b", "systemd.firstboot=off"],
+             # A machine name is a host name: letters, digits, '-' (mkdtemp's names may hold '_').
+             "-M", f"gwdpkg{secrets.token_hex(3)}", "--console=passive", "-b", "systemd.firstboot=off"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
