@@ -182,7 +182,7 @@ def heap_per_peer(n: int) -> dict[str, float]:
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     core = GatewayState(CoreConfig())
-    members = [Member(member_id=f"m{i}", team_id=TEAM, role=Role.MEMBER, peers=frozenset([keys[i]]),
+    members = [Member(member_id=f"m{i}", team_id=TEAM, role=Role.MEMBER, peers=(keys[i],),
                       factors=frozenset(), locked=False) for i in range(n)]
     records = [PeerRecord(public_key=keys[i], state=PeerState.QUARANTINED, owes=frozenset([ProofKind.OTP]),
                           owes_since=0.0, proven_at=None, locked_reason=None, allowed_ips=(f"{tunnel_ip(i)}/32",),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 
 class Scope(enum.Enum):
@@ -101,8 +103,9 @@ class Member:
     """The member's team."""
     role: Role
     """Role on the team."""
-    peers: frozenset[str] = frozenset()
-    """WireGuard public keys (base64) of the member's devices."""
+    peers: tuple[str, ...] = ()
+    """WireGuard public keys (base64) of the member's devices, sorted, each once. A tuple, not a set: a
+    frozenset of one key costs 216 bytes, a tuple 48, and members have a handful of devices at most."""
     factors: frozenset[Factor] = frozenset()
     """Factors the member has enrolled and can use."""
     locked: bool = False
@@ -111,14 +114,24 @@ class Member:
     """The proof kinds the enrolled factors can give (derived)."""
 
     def __post_init__(self) -> None:
-        means = _MEANS.get(self.factors)
+        peers = self.peers
+        if type(peers) is not tuple or (len(peers) > 1 and list(peers) != sorted(set(peers))):
+            object.__setattr__(self, "peers", tuple(sorted(set(peers))))
+        factors = _FACTOR_SETS.setdefault(self.factors, self.factors)
+        means = _MEANS.get(factors)
         if means is None:
-            means = _MEANS[self.factors] = frozenset(FACTOR_PROVES[f] for f in self.factors)
+            means = _MEANS[factors] = frozenset(FACTOR_PROVES[f] for f in factors)
+        object.__setattr__(self, "factors", factors)
         object.__setattr__(self, "means", means)
 
 
+_FACTOR_SETS: dict[frozenset[Factor], frozenset[Factor]] = {}
+"""One object for each set of factors (at most eight), shared by every member that has it."""
 _MEANS: dict[frozenset[Factor], frozenset[ProofKind]] = {}
-"""The proof kinds of each set of factors (at most eight sets): computed once, shared by every member."""
+"""The proof kinds of each set of factors: computed once, shared by every member."""
+
+
+NO_PROOFS: Mapping[ProofKind, float] = MappingProxyType({})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -154,8 +167,9 @@ class Peer:
     it for a peer that never proved."""
     locked_reason: LockedReason | None = None
     """Why the peer is locked."""
-    proofs: dict[ProofKind, float] = field(default_factory=dict)
-    """Proofs accepted since the current demand."""
+    proofs: Mapping[ProofKind, float] = field(default_factory=lambda: NO_PROOFS)
+    """Proofs accepted since the current demand (replaced, never changed in place: most peers share the empty
+    one)."""
     step_up: bool = False
     """The current demand is a step-up (Disconnect or re-verification), not a connection policy."""
     initiation_stamp: bytes = b""

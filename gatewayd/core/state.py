@@ -30,6 +30,7 @@ from gatewayd.core.commands import (
 )
 from gatewayd.core.model import (
     FACTOR_PROVES,
+    NO_PROOFS,
     LockedReason,
     Member,
     Peer,
@@ -155,8 +156,9 @@ class GatewayState:
         self.members: dict[str, Member] = {}
         self.peers: dict[str, Peer] = {}
         self._owner: dict[str, str] = {}
-        # Which peers list a prefix. WireGuard gives a prefix to one peer, but a poll can catch it moving.
-        self._listed: dict[str, set[str]] = {}
+        # Which peers list a prefix. WireGuard gives a prefix to one peer, but a poll can catch it moving: the
+        # one holder's key as it is (a set per prefix would cost ~220 bytes a peer), a set only while several.
+        self._listed: dict[str, str | set[str]] = {}
         self._timers: list[tuple[float, str]] = []
 
     # ---- restoring and reading --------------------------------------------------------------------
@@ -205,8 +207,8 @@ class GatewayState:
 
     def tracked_prefixes(self) -> set[str]:
         """Every prefix of a configured, decided peer."""
-        return {p for p, keys in self._listed.items()
-                if any(self.peers[k].present and self.peers[k].state is not None for k in keys)}
+        return {p for p in self._listed
+                if any(self.peers[k].present and self.peers[k].state is not None for k in self._holders(p))}
 
     def enforced_prefixes(self) -> set[str]:
         """Every prefix that belongs in the quarantine sets now."""
@@ -223,7 +225,7 @@ class GatewayState:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return None
-        for key in self._listed.get(f"{ip}/{ip.max_prefixlen}", ()):
+        for key in self._holders(f"{ip}/{ip.max_prefixlen}"):
             if self.peers[key].present:
                 return self.peers[key]
         best: tuple[int, Peer] | None = None
@@ -610,8 +612,8 @@ class GatewayState:
         self.members[member.member_id] = member
         touched: set[str] = set(member.peers)
         if old is not None:
-            touched |= old.peers
-            for key in old.peers - member.peers:
+            touched.update(old.peers)
+            for key in set(old.peers).difference(member.peers):
                 if self._owner.get(key) == member.member_id:
                     del self._owner[key]
         for key in member.peers:
@@ -660,12 +662,12 @@ class GatewayState:
         if peer.owes_since is None or e.verified_at < peer.owes_since:
             # Verified before the current demand: it answers an older one.
             return False
-        peer.proofs[kind] = e.verified_at
+        peer.proofs = {**peer.proofs, kind: e.verified_at}
         out.append(self._publish("proof.accepted", peer, factor=e.factor.value, kind=kind.value))
         if peer.owes <= peer.proofs.keys():
             peer.proven_at = now
             self._transition(peer, Trigger.SATISFY, out)
-            peer.owes, peer.owes_since, peer.proofs, peer.step_up = frozenset(), None, {}, False
+            peer.owes, peer.owes_since, peer.proofs, peer.step_up = frozenset(), None, NO_PROOFS, False
             out.append(self._publish("peer.released", peer))
         out.append(self._save(peer))
         self._arm(peer)
@@ -716,7 +718,7 @@ class GatewayState:
     def _require(self, peer: Peer, demand: policy.Demand, now: float, out: list[Command], *,
                  step_up: bool, announce: bool = True) -> None:
         """Make the peer owe `demand` from `now` on: earlier proofs no longer count."""
-        peer.owes, peer.owes_since, peer.proofs = demand.owes, now, {}
+        peer.owes, peer.owes_since, peer.proofs = demand.owes, now, NO_PROOFS
         peer.locked_reason, peer.step_up = demand.locked, step_up or peer.step_up
         self._transition(peer, Trigger.LOCK if demand.locked else Trigger.DEMAND, out, announce=announce)
 
@@ -744,21 +746,28 @@ class GatewayState:
         """Give the peer these prefixes, tracking or untracking prefixes that gain their first holder or lose
         their last one. A new prefix is tracked before the peer's state is decided in the same batch, which
         the runtime turns into one kernel transaction."""
+        key, listed = peer.public_key, self._listed
         dropped = []
         for p in peer.allowed_ips:
-            holders = self._listed.get(p)
-            if holders is not None:
-                holders.discard(peer.public_key)
-                if not holders:
-                    del self._listed[p]
-                    dropped.append(p)
+            holders = listed.get(p)
+            if holders == key:
+                del listed[p]
+                dropped.append(p)
+            elif isinstance(holders, set):
+                holders.discard(key)
+                if len(holders) == 1:
+                    listed[p] = next(iter(holders))
         peer.allowed_ips = prefixes
         fresh = []
         for p in prefixes:
-            holders = self._listed.setdefault(p, set())
-            if not holders:
+            holders = listed.get(p)
+            if holders is None:
+                listed[p] = key
                 fresh.append(p)
-            holders.add(peer.public_key)
+            elif isinstance(holders, set):
+                holders.add(key)
+            elif holders != key:
+                listed[p] = {holders, key}
         gone = tuple(p for p in dropped if p not in self._listed)
         if gone:
             out.append(Untrack(prefixes=gone))
@@ -766,10 +775,17 @@ class GatewayState:
         if added:
             out.append(Track(prefixes=added))
 
+    def _holders(self, prefix: str) -> Iterable[str]:
+        """The keys of the peers that list a prefix."""
+        holders = self._listed.get(prefix)
+        if holders is None:
+            return ()
+        return (holders,) if isinstance(holders, str) else holders
+
     def _release(self, peer: Peer, prefixes: tuple[str, ...], out: list[Command]) -> None:
         """Release prefixes unless another enforced peer still lists them."""
         free = tuple(p for p in prefixes if not any(
-            k != peer.public_key and self.peers[k].enforced for k in self._listed.get(p, ())))
+            k != peer.public_key and self.peers[k].enforced for k in self._holders(p)))
         if free:
             out.append(Release(prefixes=free))
 

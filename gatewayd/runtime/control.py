@@ -105,7 +105,7 @@ class UpsertMember:
         if self.devices is not None:
             await b.state.replace_device_credentials(self.member_id, self.devices)
             b.publish("factor.enrolled", subject, factor="device", count=len(self.devices))
-        member = Member(member_id=self.member_id, team_id=self.team_id, role=self.role, peers=self.peers,
+        member = Member(member_id=self.member_id, team_id=self.team_id, role=self.role, peers=tuple(sorted(self.peers)),
                         factors=await b.state.factors(self.member_id), locked=attempts.locked)
         b.feed(ev.MemberUpserted(member=member))
         return UpsertResult(created=created, totp_pending=pending)

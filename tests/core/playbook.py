@@ -18,7 +18,7 @@ def team(version: int = 1, *, totp: bool = False, device: bool = False, reverify
 
 def member(mid: str = "alice", peers: tuple[str, ...] = (K1,), factors: frozenset[Factor] = frozenset({Factor.TOTP}),
            role: Role = Role.MEMBER, locked: bool = False) -> Member:
-    return Member(member_id=mid, team_id="t", role=role, peers=frozenset(peers), factors=factors, locked=locked)
+    return Member(member_id=mid, team_id="t", role=role, peers=tuple(peers), factors=factors, locked=locked)
 
 
 class Play:

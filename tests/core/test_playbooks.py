@@ -354,3 +354,26 @@ def test_team_disconnect_covers_every_member() -> None:
     assert [c.subject for c in out if isinstance(c, Publish) and c.type == "disconnect.executed"] == [
         "member/alice", "member/bob"]
     assert play.disconnect(ev.DisconnectRequested(team_id="nobody"))[0].cause == "unknown_subject"
+
+
+def test_a_prefix_caught_moving_between_peers_stays_enforced_while_any_holder_is() -> None:
+    from collections.abc import Sequence
+
+    from gatewayd.core.commands import Track, Untrack
+
+    def untracked(out: Sequence[object]) -> set[str]:
+        return {p for c in out if isinstance(c, Untrack) for p in c.prefixes}
+
+    play = Play()
+    play(ev.PeerConfigured(public_key=K1, allowed_ips=(IP1,)))  # unknown: locked, IP1 quarantined
+    out = play(ev.PeerConfigured(public_key=K2, allowed_ips=(IP1,)))  # a read caught IP1 on both
+    assert not any(isinstance(c, Track) for c in out) and play.state(K2) == "locked"
+    out = play(ev.PeerConfigured(public_key=K1, allowed_ips=(IP2,)))
+    assert quarantined(out) == {IP2} and released(out) == set() and untracked(out) == set()
+    out = play(ev.PeerConfigured(public_key=K1, allowed_ips=(IP1, IP2)))  # back to two holders of IP1
+    assert released(out) == set() and untracked(out) == set()
+    out = play(ev.PeerUnconfigured(public_key=K2))
+    assert released(out) == set() and untracked(out) == set()  # K1 still holds IP1, locked
+    out = play(ev.PeerUnconfigured(public_key=K1))
+    assert released(out) == {IP1, IP2} and untracked(out) == {IP1, IP2}
+    assert play.gw.tracked_prefixes() == set() and play.gw.peer_for_address("10.0.0.2") is None

@@ -112,7 +112,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         for member_id, key, ip in (("alice", K1, "10.0.0.1/32"), ("bob", K2, "10.0.0.2/32")):
             await b.state.save_member(member_id, "t", Role.MEMBER, [key])
             b.feed(ev.MemberUpserted(member=Member(member_id=member_id, team_id="t", role=Role.MEMBER,
-                                                   peers=frozenset({key}), factors=frozenset({Factor.TOTP}))))
+                                                   peers=(key,), factors=frozenset({Factor.TOTP}))))
             b.feed(ev.PeerConfigured(public_key=key, allowed_ips=(ip,), endpoint="192.0.2.1:51820"))
 
     await driver.submit(CallJob(setup))

@@ -86,7 +86,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         b.feed(ev.TeamPolicyApplied(policy=team))
         await b.state.save_member("alice", "t", Role.MEMBER, [CLIENT_KEY])
         b.feed(ev.MemberUpserted(member=Member(member_id="alice", team_id="t", role=Role.MEMBER,
-                                               peers=frozenset({CLIENT_KEY}), factors=frozenset({Factor.TOTP}))))
+                                               peers=(CLIENT_KEY,), factors=frozenset({Factor.TOTP}))))
         b.feed(ev.PeerConfigured(public_key=CLIENT_KEY, allowed_ips=("10.0.0.2/32",), endpoint="192.0.2.9:40000"))
 
     await driver.submit(CallJob(setup))

@@ -36,10 +36,11 @@ _FACTOR_ROWS = (
 
 
 def _prefixes(text: str) -> tuple[str, ...]:
-    """The stored JSON list of prefixes; the usual one-prefix list without a parse."""
+    """The stored JSON list of prefixes; the usual one-prefix list without a parse. Interned, as the interface
+    reads intern theirs: one string object per prefix however many hold it."""
     if text.startswith('["') and text.endswith('"]') and '"' not in text[2:-2] and "\\" not in text:
-        return (text[2:-2],)
-    return tuple(json.loads(text))
+        return (sys.intern(text[2:-2]),)
+    return tuple(sys.intern(p) for p in json.loads(text))
 
 
 def _aad(member_id: str, slot: str) -> bytes:
@@ -72,7 +73,7 @@ class SqliteState:
                 factors_of.setdefault(member_id, set()).add(factor)
         none: frozenset[Factor] = frozenset()
         members = [Member(member_id=member_id, team_id=sys.intern(team_id), role=Role(role),
-                          peers=frozenset(peers_of.get(member_id, ())),
+                          peers=tuple(sorted(peers_of.get(member_id, ()))),
                           factors=frozenset(factors_of[member_id]) if member_id in factors_of else none,
                           locked=bool(locked))
                    for member_id, team_id, role, locked in await self.db.all(
@@ -93,7 +94,7 @@ class SqliteState:
             PeerRecord(public_key=sys.intern(r[0]), state=states[r[1]], owes=owes(r[2]), owes_since=r[3],
                        proven_at=r[4], locked_reason=reasons[r[5]], allowed_ips=_prefixes(r[6]),
                        session_started_at=r[7], last_handshake=r[8], step_up=bool(r[9]), admitted_at=r[10],
-                       endpoint=r[11])
+                       endpoint=sys.intern(r[11]) if r[11] else r[11])
             for r in await self.db.all(
                 "SELECT public_key, state, owes, owes_since, proven_at, locked_reason, allowed_ips, "
                 "session_started_at, last_handshake, step_up, admitted_at, endpoint FROM peers")
