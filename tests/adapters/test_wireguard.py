@@ -95,9 +95,9 @@ def test_reset_request_restores_the_configuration() -> None:
     assert text.endswith("\n\n")
 
 
-def _answer(handshake: int, tx: int, rx: int, allowed: str = "10.0.0.2/32") -> str:
+def _answer(handshake: int, tx: int, rx: int, allowed: str = "10.0.0.2/32", endpoint: str = "198.18.1.2:4000") -> str:
     return (f"private_key={'11' * 32}\nlisten_port=51820\n"
-            f"public_key={'44' * 32}\npreshared_key={'00' * 32}\nprotocol_version=1\nendpoint=198.18.1.2:4000\n"
+            f"public_key={'44' * 32}\npreshared_key={'00' * 32}\nprotocol_version=1\nendpoint={endpoint}\n"
             f"last_handshake_time_sec={handshake}\nlast_handshake_time_nsec=0\ntx_bytes={tx}\nrx_bytes={rx}\n"
             f"persistent_keepalive_interval=25\nallowed_ip={allowed}\n"
             f"public_key={'55' * 32}\npreshared_key={'00' * 32}\nprotocol_version=1\n"
@@ -110,7 +110,9 @@ async def test_uapi_reader_reuses_what_did_not_change(tmp_path: Path) -> None:
     each read equals a full parse of the answer by a fresh reader, counters included, whatever changed between
     reads; a peer whose counters alone changed keeps its snapshot object (counters are updated in place)."""
     answers = [_answer(1700000000, 10, 20), _answer(1700000000, 10, 20), _answer(1700000000, 15, 90),
-               _answer(1700000130, 16, 95), _answer(1700000130, 17, 99, allowed="10.0.0.9/32")]
+               _answer(1700000130, 16, 95), _answer(1700000130, 17, 99, allowed="10.0.0.9/32"),
+               _answer(1700000130, 17, 99, allowed="10.0.0.9/32", endpoint="198.18.1.2:4001"),
+               _answer(1700000130, 18, 99, allowed="10.0.0.9/32", endpoint="198.18.1.3:4001")]
     done = await read_answers(tmp_path / "wg0.sock", answers)
     reads, counters = [r for r, _ in done], [c for _, c in done]
     key, idle = base64.b64encode(b"\x44" * 32).decode(), base64.b64encode(b"\x55" * 32).decode()
@@ -121,6 +123,8 @@ async def test_uapi_reader_reuses_what_did_not_change(tmp_path: Path) -> None:
     assert reads[2][key] is reads[1][key] and counters[2][key] == (90, 15)  # counters only
     assert reads[3][key] is not reads[2][key] and reads[3][key].last_handshake == 1700000130  # a handshake too
     assert reads[4][key].allowed_ips == ("10.0.0.9/32",)  # configuration as well as counters
+    assert reads[5][key].endpoint == "198.18.1.2:4001"  # a block of the same length, counters unchanged
+    assert reads[6][key].endpoint == "198.18.1.3:4001" and counters[6][key] == (99, 18)
     assert all(r[idle] is reads[0][idle] for r in reads)
 
 

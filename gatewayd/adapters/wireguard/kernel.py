@@ -43,10 +43,10 @@ def _endpoint(attr: Any) -> str | None:
         return None
     addr, port = attr["addr"], attr["port"]
     if ipaddress.ip_address(addr).version == 6:
-        return f"[{addr}]:{port}"
+        return sys.intern(f"[{addr}]:{port}")
     if addr == "0.0.0.0" and port == 0:
         return None
-    return f"{addr}:{port}"
+    return sys.intern(f"{addr}:{port}")  # interned as adapters/wireguard/uapi.py does
 
 
 def decode_device(messages: Iterable[Any]) -> dict[str, PeerSnapshot]:
@@ -60,7 +60,7 @@ def decode_device(messages: Iterable[Any]) -> dict[str, PeerSnapshot]:
                 key = sys.intern(key.decode() if isinstance(key, bytes) else key)  # as adapters/wireguard/uapi.py
                 hs = p.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
                 when = hs["tv_sec"] + hs["tv_nsec"] / 1e9 if hs and hs["tv_sec"] else None
-                allowed = tuple(str(ipaddress.ip_network(a["addr"], strict=False))
+                allowed = tuple(sys.intern(str(ipaddress.ip_network(a["addr"], strict=False)))
                                 for a in (p.get_attr("WGPEER_A_ALLOWEDIPS") or []) if a.get("addr"))
                 psk = p.get_attr("WGPEER_A_PRESHARED_KEY")
                 psk_raw = None

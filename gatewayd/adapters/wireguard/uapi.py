@@ -41,12 +41,13 @@ def b64_to_hex(value: str) -> str:
 
 
 def _prefix(value: str) -> str:
-    """wireguard-go prints canonical prefixes (Go's netip); normalize only what is not obviously canonical."""
+    """wireguard-go prints canonical prefixes (Go's netip); normalize only what is not obviously canonical.
+    Interned, like endpoints: the core and the store's rows hold the same values (one object instead of two)."""
     address, _, length = value.partition("/")
     if length and (("." in address and length == "32") or (":" in address and length == "128"
                                                                  and address == address.lower())):
-        return value
-    return str(ipaddress.ip_network(value, strict=False))
+        return sys.intern(value)
+    return sys.intern(str(ipaddress.ip_network(value, strict=False)))
 
 
 def parse_peer(block: str) -> PeerSnapshot:
@@ -69,7 +70,7 @@ def parse_peer(block: str) -> PeerSnapshot:
         elif key == "last_handshake_time_nsec":
             nsec = int(value)
         elif key == "endpoint":
-            endpoint = value or None
+            endpoint = sys.intern(value) if value else None
         elif key == "persistent_keepalive_interval":
             keepalive = int(value)
         elif key == "preshared_key":
@@ -96,17 +97,22 @@ def reset_request(peers: Sequence[PeerSnapshot]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-_Cached = tuple[bytes, PeerSnapshot, tuple[int, int] | None]
-"""A peer's block, its snapshot, and the lengths of the block's parts before and after the byte counters (None:
-not found). Lengths, not copies of the parts: at 100,000 peers the copies were 33 MB."""
+_Cached = tuple[int, int, int, PeerSnapshot]
+"""What a read keeps of a peer's block for the next one: hashes of the whole block and of the block without its
+byte counters, where the counters are (the lengths before and after them, packed: `before << 32 | after`; -1
+when not found), and its snapshot. Hashes, not the block (at 100,000 peers the blocks were 36 MB): Python's
+hash of bytes is SipHash with a key drawn at start-up, so a changed block that hashes like the old one (a
+missed change) cannot be made on purpose and happens by chance once in 2**64 comparisons."""
 
 
 class UapiWireGuard:
     def __init__(self, socket_path: Path) -> None:
         self.path = socket_path
-        # Per peer (hex key), from the last read. An idle peer's block does not change between polls (one
-        # comparison); a busy peer's usually changes only in its counters (two integers parsed, the rest compared).
-        self._cache: dict[bytes, _Cached] = {}
+        # Per peer (the hash of its hex key), from the last read. An idle peer's block does not change between
+        # polls (one hash); a busy peer's usually changes only in its counters (two integers parsed, the rest
+        # hashed). A clash of two keys' hashes costs a parse, never a wrong snapshot: entries are checked by
+        # the block's own hash.
+        self._cache: dict[int, _Cached] = {}
         self.read_seconds = 0.0
         self._identity: InterfaceIdentity | None = None
         """From the device lines of the latest read."""
@@ -133,35 +139,38 @@ class UapiWireGuard:
                 tail = (tail + chunk)[-2:]
                 yield chunk
 
-    async def _peer_blocks(self) -> list[bytes]:
-        """A "get=1" answer split into the device's lines and then peer blocks (each starting with the hex key)
-        while it arrives.
-        wireguard-go holds its configuration lock until it has written the whole answer, so this never pauses."""
-        blocks: list[bytes] = []
-        rest = b"\n"  # the device lines come first; a peer block starts after "\npublic_key="
-        async for chunk in self._ask(b"get=1\n\n"):
-            parts = (rest + chunk).split(b"\npublic_key=")
-            rest = parts.pop()
-            blocks += parts
-        blocks.append(_without_status(rest).rstrip(b"\n"))
-        return blocks
+    async def _get(self) -> bytes:
+        """A whole "get=1" answer, in one piece: peer blocks are cut from it one at a time while they are
+        decoded, rather than all at once (100,000 blocks were 36 MB of small objects, which the allocator then
+        kept). wireguard-go holds its configuration lock until it has written the whole answer, so the reading
+        never pauses."""
+        return b"".join([chunk async for chunk in self._ask(b"get=1\n\n")])
 
     async def read(self, pause: Pause = no_pause) -> dict[str, PeerSnapshot]:
         await pause()
         asked = time.perf_counter()
-        device, *blocks = await self._peer_blocks()
+        answer = await self._get()
         self.read_seconds = time.perf_counter() - asked
-        self._identity = device_identity(device)
+        end = _status_at(answer)
+        # The device's lines come first; each peer's block starts after "\npublic_key=" with the hex key.
+        at = answer.find(_PEER, 0, end)
+        self._identity = device_identity(answer[:end] if at == -1 else answer[:at])
         peers: dict[str, PeerSnapshot] = {}
         old, cache = self._cache, {}
         slices = Slices(pause)
-        for count, block in enumerate(blocks, 1):
-            key = block[:64]
+        count = 0
+        while at != -1:
+            start = at + len(_PEER)
+            at = answer.find(_PEER, start, end)
+            block = answer[start:at] if at != -1 else answer[start:end].rstrip(b"\n")
+            key = hash(block[:64])
             cached = old.get(key)
-            entry = cached if cached is not None and cached[0] == block else _decode(block, cached)
+            whole = hash(block)
+            entry = cached if cached is not None and cached[0] == whole else _decode(block, whole, cached)
             cache[key] = entry
-            snap = entry[1]
+            snap = entry[3]
             peers[snap.public_key] = snap
+            count += 1
             if count & 15 == 0 and slices.due():
                 await slices.pause()
         self._cache = cache
@@ -186,12 +195,23 @@ class UapiWireGuard:
             raise UapiError(f"UAPI set failed: {answer.strip()}")
 
 
+_PEER = b"\npublic_key="
+
+
+def _status_at(answer: bytes) -> int:
+    """Where a "get=1" answer's closing "errno=N" line starts; UapiError unless N is 0."""
+    at = answer.rfind(b"errno=")
+    if at == -1:
+        raise UapiError("UAPI get answer without its errno line")
+    status = answer[at + 6:].strip()
+    if status != b"0":
+        raise UapiError(f"UAPI get failed with errno={status.decode(errors='replace')}")
+    return at
+
+
 def _without_status(answer: bytes) -> bytes:
     """A "get=1" answer (or its end) without its closing "errno=N" line; UapiError unless N is 0."""
-    body, _, status = answer.rpartition(b"errno=")
-    if status.strip() != b"0":
-        raise UapiError(f"UAPI get failed with errno={status.strip().decode(errors='replace')}")
-    return body
+    return answer[:_status_at(answer)]
 
 
 def device_identity(device: bytes) -> InterfaceIdentity | None:
@@ -207,25 +227,23 @@ def device_identity(device: bytes) -> InterfaceIdentity | None:
         return None
 
 
-def _decode(block: bytes, cached: _Cached | None) -> _Cached:
-    """A peer block, and what the cache keeps of it: its snapshot and the parts around its byte counters."""
-    around = cached[2] if cached is not None else None
-    if cached is not None and around is not None:
-        head, tail = around
-        before = cached[0]
-        if (block[:head] == before[:head] and block[len(block) - tail:] == before[len(before) - tail:]
-                and block.startswith(b"\ntx_bytes=", head)):
+def _decode(block: bytes, whole: int, cached: _Cached | None) -> _Cached:
+    """A peer block whose hash is `whole`, and what the cache keeps of it (see _Cached)."""
+    if cached is not None and cached[2] >= 0:
+        around = cached[2]
+        head, tail = around >> 32, around & 0xFFFFFFFF
+        if block.startswith(b"\ntx_bytes=", head) and hash((block[:head], block[len(block) - tail:])) == cached[1]:
             # Only the counters may differ: "\ntx_bytes=N\nrx_bytes=M" between the unchanged parts.
             tx, sep, rx = block[head + 10:len(block) - tail].partition(b"\nrx_bytes=")
             if sep and tx.isdigit() and rx.isdigit():
-                snap = cached[1]
+                snap = cached[3]
                 snap.traffic.rx_bytes, snap.traffic.tx_bytes = int(rx), int(tx)
-                return block, snap, around
+                return whole, cached[1], around, snap
     snap = parse_peer(block.decode())
     start = block.find(b"\ntx_bytes=")
     rx_at = block.find(b"\n", start + 1)
     if start == -1 or not block.startswith(b"\nrx_bytes=", rx_at):
-        return block, snap, None
+        return whole, 0, -1, snap
     end = block.find(b"\n", rx_at + 1)
     end = len(block) if end == -1 else end
-    return block, snap, (start, len(block) - end)
+    return whole, hash((block[:start], block[end:])), start << 32 | (len(block) - end), snap
