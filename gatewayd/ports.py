@@ -3,7 +3,7 @@ the runtime sees only these."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -297,7 +297,7 @@ class DeviceCredential:
 class StateStore(Protocol):
     """Teams, members, factors, peers and idempotent answers. Writes join the driver's open transaction."""
 
-    async def load(self) -> tuple[list[TeamPolicy], list[Member], list[PeerRecord]]: ...
+    async def load(self) -> tuple[list[TeamPolicy], list[Member], Iterator[PeerRecord]]: ...
     async def team_version(self, team_id: str) -> int | None: ...
     async def save_team(self, t: TeamPolicy) -> None: ...
     async def member_exists(self, member_id: str) -> bool: ...
@@ -385,7 +385,7 @@ class Store(Protocol):
     async def checkpoint(self) -> tuple[int, int]:
         """Copy committed WAL frames to the database file: (frames in the WAL, frames copied)."""
         ...
-    async def load(self) -> tuple[list[TeamPolicy], list[Member], list[PeerRecord]]:
+    async def load(self) -> tuple[list[TeamPolicy], list[Member], Iterator[PeerRecord]]:
         """Everything committed, to rebuild the core."""
         ...
     def storage_error(self, exc: BaseException) -> StorageFailed | None:

@@ -42,11 +42,16 @@ from gatewayd.core.state import GatewayState
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.errors import EnforcementFailed, JobFailed, Refused, StorageFailed
 from gatewayd.ports import Enforcer, FlowTable, Outbox, PeerSource, SetChange, StateStore, Store, StoredEvent
+from gatewayd.runtime.memory import release_free_memory
 from gatewayd.scheduling import Foreground
+from gatewayd.tasks import spawn
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 20_000
+BULK_COMMANDS = 5_000
+"""A batch this large (a team Disconnect, a read that configured many peers) frees much memory when it ends:
+it is handed back to the kernel (runtime.memory)."""
 
 
 T = TypeVar("T")
@@ -312,6 +317,8 @@ class Driver:
             log.info("the database takes writes again")
             self.storage_failed = None
         self.batches += 1
+        if len(batch.commands) >= BULK_COMMANDS:
+            spawn(release_free_memory(after=2.0), name="release-memory")
         for fut, error, value in results:
             if fut.done():
                 continue

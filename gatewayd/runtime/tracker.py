@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from gatewayd.core.events import Event
@@ -38,6 +38,28 @@ async def diff_in_slices(old: Mapping[str, PeerSnapshot], new: Mapping[str, Peer
         if slices.due():
             await slices.pause()
     return events
+
+
+FEED_PEERS = 5_000
+"""A read's events go to the driver in jobs of this many peers' events, each its own batch (a SQLite and a
+kernel transaction): a read that configures 100,000 peers (the first after a start with a new interface)
+neither builds 100,000 peers' commands, records and events at once (memory the allocator then keeps) nor
+holds up other calls until the last peer is decided."""
+
+
+def by_peers(events: list[Event], peers: int) -> Iterator[tuple[Event, ...]]:
+    """The events in runs of at most `peers` peers' events; a peer's events (consecutive in a diff) stay
+    together and in order."""
+    start, count, last = 0, 0, None
+    for i, e in enumerate(events):
+        key = getattr(e, "public_key", None)
+        if key != last:
+            if count == peers:
+                yield tuple(events[start:i])
+                start, count = i, 0
+            count, last = count + 1, key
+    if start < len(events):
+        yield tuple(events[start:])
 
 
 @dataclass(frozen=True)
@@ -114,7 +136,8 @@ class Tracker:
         self.last_poll = self.clock()
         if events:
             try:
-                await self.driver.submit(FeedTracking(tuple(events)))
+                for chunk in by_peers(events, FEED_PEERS):
+                    await self.driver.submit(FeedTracking(chunk))
             except Exception:
                 # Not recorded (e.g. the disk refused it): the next read must produce these events again.
                 self._rebase = True

@@ -240,3 +240,16 @@ async def test_a_job_that_fails_before_touching_the_core_is_rolled_back_and_the_
     assert not await rig.store.state.member_exists("mallory")
     rig.specs.read = {}
     assert (await rig.driver.submit(disconnect("alice"))).outcome.peers_quarantined == 1
+
+
+def test_a_reads_events_go_in_runs_of_whole_peers() -> None:
+    from gatewayd.runtime.tracker import by_peers
+
+    events: list[ev.Event] = [
+        ev.PeerUnconfigured(public_key="a"), ev.PeerConfigured(public_key="b", allowed_ips=()),
+        ev.HandshakeSeen(public_key="b", at=1.0), ev.PeerConfigured(public_key="c", allowed_ips=()),
+        ev.EndpointChanged(public_key="d", endpoint=None), ev.HandshakeSeen(public_key="d", at=2.0)]
+    runs = list(by_peers(events, 2))
+    assert [[getattr(e, "public_key", None) for e in run] for run in runs] == [["a", "b", "b"], ["c", "d", "d"]]
+    assert [e for run in runs for e in run] == events
+    assert list(by_peers(events, 10)) == [tuple(events)] and list(by_peers([], 3)) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from gatewayd.adapters.sqlite.database import Database
@@ -25,5 +26,5 @@ class SqliteStore(Database):
         await super().open(init=init)
         await self.outbox.load_cursor()
 
-    async def load(self) -> tuple[list[TeamPolicy], list[Member], list[PeerRecord]]:
+    async def load(self) -> tuple[list[TeamPolicy], list[Member], Iterator[PeerRecord]]:
         return await self.state.load()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from gatewayd.adapters.sqlite.database import Database
@@ -54,52 +54,57 @@ class SqliteState:
 
     # ---- loading ----------------------------------------------------------------------------------
 
-    async def load(self) -> tuple[list[TeamPolicy], list[Member], list[PeerRecord]]:
+    async def load(self) -> tuple[list[TeamPolicy], list[Member], Iterator[PeerRecord]]:
+        """Teams and members, and the peers' records as they are read (consume them before the next statement
+        of the driver's). Rows are read one at a time, not fetched all at once: at 100,000 peers the transient
+        rows, sets and records were ~100 MB, and the allocator kept much of it after they were freed."""
         teams = [
             TeamPolicy(team_id=r[0], version=r[1], scope=Scope(r[2]), roles=Roles(r[3]),
                        totp_prior_connection=bool(r[4]), device_prior_connection=bool(r[5]),
                        reverify_interval=r[6])
-            for r in await self.db.all("SELECT * FROM teams")
+            for r in self.db.writer.rows("SELECT * FROM teams")
         ]
         # Keys and team ids interned: one string object per key (shared with the peers' rows and the interface's
-        # reads, see adapters/wireguard) and per team, not one per row.
-        peers_of: dict[str, set[str]] = {}
-        for key, member_id in await self.db.all("SELECT public_key, member_id FROM member_peers"):
-            peers_of.setdefault(member_id, set()).add(sys.intern(key))
-        # One query per factor kind, not three per member (100,000 members: 0.3 s instead of minutes).
-        factors_of: dict[str, set[Factor]] = {}
-        for factor, table, condition in _FACTOR_ROWS:
-            for (member_id,) in await self.db.all(f"SELECT DISTINCT member_id FROM {table} WHERE 1{condition}"):  # noqa: S608
-                factors_of.setdefault(member_id, set()).add(factor)
-        none: frozenset[Factor] = frozenset()
-        members = [Member(member_id=member_id, team_id=sys.intern(team_id), role=Role(role),
-                          peers=tuple(sorted(peers_of.get(member_id, ()))),
-                          factors=frozenset(factors_of[member_id]) if member_id in factors_of else none,
-                          locked=bool(locked))
-                   for member_id, team_id, role, locked in await self.db.all(
-                       "SELECT member_id, team_id, role, locked FROM members")]
+        # reads, see adapters/wireguard) and per team, not one per row. A member's keys are gathered in the
+        # tuple its Member keeps (most members have one key).
+        peers_of: dict[str, tuple[str, ...]] = {}
+        for key, member_id in self.db.writer.rows("SELECT public_key, member_id FROM member_peers"):
+            peers_of[member_id] = (*peers_of.get(member_id, ()), sys.intern(key))
+        # One query per factor kind, not three per member (100,000 members: 0.3 s instead of minutes); a
+        # member's factors as bits while gathering.
+        factors_of: dict[str, int] = {}
+        for bit, (_, table, condition) in enumerate(_FACTOR_ROWS):
+            for (member_id,) in self.db.writer.rows(f"SELECT DISTINCT member_id FROM {table} WHERE 1{condition}"):  # noqa: S608
+                factors_of[member_id] = factors_of.get(member_id, 0) | 1 << bit
+        factor_sets = [frozenset(f for bit, (f, _, _) in enumerate(_FACTOR_ROWS) if mask >> bit & 1)
+                       for mask in range(1 << len(_FACTOR_ROWS))]
+        no_peers: tuple[str, ...] = ()
+        members = []
+        for member_id, team_id, role, locked in self.db.writer.rows(
+                "SELECT member_id, team_id, role, locked FROM members"):
+            keys = peers_of.pop(member_id, no_peers)
+            members.append(Member(member_id=member_id, team_id=sys.intern(team_id), role=Role(role),
+                                  peers=keys if len(keys) < 2 else tuple(sorted(keys)),
+                                  factors=factor_sets[factors_of.get(member_id, 0)], locked=bool(locked)))
+        del peers_of, factors_of
+        return teams, members, self._peer_records()
+
+    def _peer_records(self) -> Iterator[PeerRecord]:
         # A handful of distinct values across 100,000 rows: each is parsed once.
         states = {s.value: s for s in PeerState}
         reasons: dict[str | None, LockedReason | None] = {None: None, "": None}
         reasons.update((r.value, r) for r in LockedReason)
         owes_of: dict[str, frozenset[ProofKind]] = {}
-
-        def owes(text: str) -> frozenset[ProofKind]:
-            parsed = owes_of.get(text)
-            if parsed is None:
-                parsed = owes_of[text] = frozenset(ProofKind(k) for k in text.split(",") if k)
-            return parsed
-
-        records = [
-            PeerRecord(public_key=sys.intern(r[0]), state=states[r[1]], owes=owes(r[2]), owes_since=r[3],
-                       proven_at=r[4], locked_reason=reasons[r[5]], allowed_ips=_prefixes(r[6]),
-                       session_started_at=r[7], last_handshake=r[8], step_up=bool(r[9]), admitted_at=r[10],
-                       endpoint=sys.intern(r[11]) if r[11] else r[11])
-            for r in await self.db.all(
+        for r in self.db.writer.rows(
                 "SELECT public_key, state, owes, owes_since, proven_at, locked_reason, allowed_ips, "
-                "session_started_at, last_handshake, step_up, admitted_at, endpoint FROM peers")
-        ]
-        return teams, members, records
+                "session_started_at, last_handshake, step_up, admitted_at, endpoint FROM peers"):
+            owes = owes_of.get(r[2])
+            if owes is None:
+                owes = owes_of[r[2]] = frozenset(ProofKind(k) for k in r[2].split(",") if k)
+            yield PeerRecord(public_key=sys.intern(r[0]), state=states[r[1]], owes=owes, owes_since=r[3],
+                             proven_at=r[4], locked_reason=reasons[r[5]], allowed_ips=_prefixes(r[6]),
+                             session_started_at=r[7], last_handshake=r[8], step_up=bool(r[9]),
+                             admitted_at=r[10], endpoint=sys.intern(r[11]) if r[11] else r[11])
 
     # ---- teams and members ------------------------------------------------------------------------
 

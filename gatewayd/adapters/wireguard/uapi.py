@@ -97,12 +97,18 @@ def reset_request(peers: Sequence[PeerSnapshot]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-_Cached = tuple[int, int, int, PeerSnapshot]
-"""What a read keeps of a peer's block for the next one: hashes of the whole block and of the block without its
-byte counters, where the counters are (the lengths before and after them, packed: `before << 32 | after`; -1
-when not found), and its snapshot. Hashes, not the block (at 100,000 peers the blocks were 36 MB): Python's
-hash of bytes is SipHash with a key drawn at start-up, so a changed block that hashes like the old one (a
-missed change) cannot be made on purpose and happens by chance once in 2**64 comparisons."""
+_Cached = tuple[int, PeerSnapshot]
+"""What a read keeps of a peer's block for the next one, and its snapshot. In one integer (`_pack`; one object
+instead of three): the hashes of the whole block and of the block without its byte counters, and where the
+counters are (the lengths before and after them; none found: 0). Hashes, not the block (at 100,000 peers the
+blocks were 36 MB): Python's hash of bytes is SipHash with a key drawn at start-up, so a changed block that
+hashes like the old one (a missed change) cannot be made on purpose and happens by chance once in 2**64."""
+
+_M64 = (1 << 64) - 1
+
+
+def _pack(whole: int, fixed: int, head: int, tail: int) -> int:
+    return whole & _M64 | (fixed & _M64) << 64 | tail << 128 | head << 160
 
 
 class UapiWireGuard:
@@ -165,10 +171,10 @@ class UapiWireGuard:
             block = answer[start:at] if at != -1 else answer[start:end].rstrip(b"\n")
             key = hash(block[:64])
             cached = old.get(key)
-            whole = hash(block)
-            entry = cached if cached is not None and cached[0] == whole else _decode(block, whole, cached)
+            whole = hash(block) & _M64
+            entry = cached if cached is not None and cached[0] & _M64 == whole else _decode(block, whole, cached)
             cache[key] = entry
-            snap = entry[3]
+            snap = entry[1]
             peers[snap.public_key] = snap
             count += 1
             if count & 15 == 0 and slices.due():
@@ -229,21 +235,21 @@ def device_identity(device: bytes) -> InterfaceIdentity | None:
 
 def _decode(block: bytes, whole: int, cached: _Cached | None) -> _Cached:
     """A peer block whose hash is `whole`, and what the cache keeps of it (see _Cached)."""
-    if cached is not None and cached[2] >= 0:
-        around = cached[2]
-        head, tail = around >> 32, around & 0xFFFFFFFF
-        if block.startswith(b"\ntx_bytes=", head) and hash((block[:head], block[len(block) - tail:])) == cached[1]:
+    if cached is not None and cached[0] >> 128:
+        packed = cached[0]
+        fixed, tail, head = packed >> 64 & _M64, packed >> 128 & 0xFFFFFFFF, packed >> 160
+        if block.startswith(b"\ntx_bytes=", head) and hash((block[:head], block[len(block) - tail:])) & _M64 == fixed:
             # Only the counters may differ: "\ntx_bytes=N\nrx_bytes=M" between the unchanged parts.
             tx, sep, rx = block[head + 10:len(block) - tail].partition(b"\nrx_bytes=")
             if sep and tx.isdigit() and rx.isdigit():
-                snap = cached[3]
+                snap = cached[1]
                 snap.traffic.rx_bytes, snap.traffic.tx_bytes = int(rx), int(tx)
-                return whole, cached[1], around, snap
+                return _pack(whole, fixed, head, tail), snap
     snap = parse_peer(block.decode())
     start = block.find(b"\ntx_bytes=")
     rx_at = block.find(b"\n", start + 1)
-    if start == -1 or not block.startswith(b"\nrx_bytes=", rx_at):
-        return whole, 0, -1, snap
+    if start <= 0 or not block.startswith(b"\nrx_bytes=", rx_at):
+        return whole, snap
     end = block.find(b"\n", rx_at + 1)
     end = len(block) if end == -1 else end
-    return whole, hash((block[:start], block[end:])), start << 32 | (len(block) - end), snap
+    return _pack(whole, hash((block[:start], block[end:])), start, len(block) - end), snap
