@@ -256,6 +256,8 @@ def run_bench(n: int, profile: Path | None = None) -> dict[str, Any]:
             out["probe_datagrams_sent_received"] = [watch.sent, watch.received]
         out["quarantined_after_disconnect"] = quarantined_count(ns)
         out["rss_mb_after_disconnect"] = rss_mb(gw.proc.pid)
+        time.sleep(5)  # the allocator's free pages are returned 2 s after a bulk batch
+        out["rss_mb_after_disconnect_settled"] = rss_mb(gw.proc.pid)
         gw.stop()
         # By hand: one `nft` process adding every address to the emptied set.
         run("nft", "flush", "set", "inet", "gatewayd", "quarantine4", ns=ns)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gatewayd.core.model import FACTOR_PROVES, Factor, LockedReason, Member, ProofKind, TeamPolicy
+from gatewayd.core.model import FACTOR_PROVES, Factor, LockedReason, Member, ProofKind, TeamPolicy, proof_set
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +22,8 @@ class Demand:
         return not self.owes and self.locked is None
 
 
-NOTHING = Demand(owes=frozenset())
+NONE, OTP, DEVICE = proof_set(()), proof_set({ProofKind.OTP}), proof_set({ProofKind.DEVICE})
+NOTHING = Demand(owes=NONE)
 
 
 def provable(member: Member) -> frozenset[ProofKind]:
@@ -48,7 +49,7 @@ def for_new_session(policy: TeamPolicy | None, member: Member | None, *, quarant
     if member is None:
         if quarantine_unknown:
             # Locked, but owing nothing: mapping it to a member decides afresh.
-            return Demand(owes=frozenset(), locked=LockedReason.UNKNOWN_PEER)
+            return Demand(owes=NONE, locked=LockedReason.UNKNOWN_PEER)
         return NOTHING
     if policy is None or not policy.applies_to(member.role):
         return NOTHING
@@ -66,16 +67,16 @@ def for_step_up(policy: TeamPolicy | None, member: Member | None) -> Demand:
     vendor's client app would have reconnected silently.
     """
     if member is None:
-        return Demand(owes=frozenset({ProofKind.OTP}), locked=LockedReason.UNKNOWN_PEER)
-    named = policy.named_proofs() if policy is not None else frozenset()
+        return Demand(owes=OTP, locked=LockedReason.UNKNOWN_PEER)
+    named = policy.named_proofs() if policy is not None else NONE
     if named:
         return _with_means(member, named)
     means = provable(member)
     if ProofKind.OTP in means:
-        return _with_means(member, frozenset({ProofKind.OTP}))
+        return _with_means(member, OTP)
     if ProofKind.DEVICE in means:
-        return _with_means(member, frozenset({ProofKind.DEVICE}))
-    return Demand(owes=frozenset({ProofKind.OTP}), locked=LockedReason.NO_FACTOR)
+        return _with_means(member, DEVICE)
+    return Demand(owes=OTP, locked=LockedReason.NO_FACTOR)
 
 
 def accepted_factors(member: Member | None, owes: frozenset[ProofKind]) -> frozenset[Factor]:

@@ -24,6 +24,7 @@ from gatewayd.core.model import (
     Roles,
     Scope,
     TeamPolicy,
+    proof_set,
 )
 from gatewayd.ports import DeviceCredential, MemberAuth
 
@@ -100,7 +101,7 @@ class SqliteState:
                 "session_started_at, last_handshake, step_up, admitted_at, endpoint FROM peers"):
             owes = owes_of.get(r[2])
             if owes is None:
-                owes = owes_of[r[2]] = frozenset(ProofKind(k) for k in r[2].split(",") if k)
+                owes = owes_of[r[2]] = proof_set(ProofKind(k) for k in r[2].split(",") if k)
             yield PeerRecord(public_key=sys.intern(r[0]), state=states[r[1]], owes=owes, owes_since=r[3],
                              proven_at=r[4], locked_reason=reasons[r[5]], allowed_ips=_prefixes(r[6]),
                              session_started_at=r[7], last_handshake=r[8], step_up=bool(r[9]),
