@@ -168,6 +168,9 @@ def client_main(argv: list[str]) -> int:
         i, secret = json.loads(line)
         members.append((i, secret))
     result = uvloop.run(_prove(members, int(argv[0]), argv[1]))
+    # The event loop may leave the inherited pipe non-blocking: a report larger than the pipe's 64 KiB, written
+    # while the parent still reads another client's, would then be cut short.
+    os.set_blocking(sys.stdout.fileno(), True)
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     # Thousands of open channels: tearing gRPC down can take long (or crash) after the answer is written.

@@ -67,7 +67,7 @@ async def release_free_memory(after: float = 0.0) -> bool:
     global _trimming
     if _malloc_trim is None:
         return False
-    if _trimming is None or _trimming.done():
+    if _trimming is None or _trimming.done() or _trimming.get_loop() is not asyncio.get_running_loop():
         _trimming = asyncio.ensure_future(_trim_after(_malloc_trim, after))
     await asyncio.shield(_trimming)
     return True
