@@ -200,6 +200,10 @@ def heap_per_peer(n: int) -> dict[str, float]:
 
 
 def run_bench(n: int, profile: Path | None = None) -> dict[str, Any]:
+    # Byte-code as an installed gatewayd has it (the package compiles it at install): a start then does not
+    # compile gatewayd's modules (~0.3 s here, where PYTHONDONTWRITEBYTECODE may be set).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(__file__).resolve().parents[1] / "gatewayd")],
+                   check=True)
     lab = Lab(peers_wanted=0)
     out: dict[str, Any] = {"peers": n}
     lab.workdir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +263,11 @@ def run_bench(n: int, profile: Path | None = None) -> dict[str, Any]:
         time.sleep(5)  # the allocator's free pages are returned 2 s after a bulk batch
         out["rss_mb_after_disconnect_settled"] = rss_mb(gw.proc.pid)
         gw.stop()
+        # gatewayd's own large transactions must not read as someone else's change (a lost notification is
+        # verified as possible drift): both starts and the team Disconnect, from the daemon's log.
+        logged = (lab.workdir / "gatewayd.log").read_text(errors="replace")
+        out["monitor_notifications_lost"] = logged.count("nftables notifications lost")
+        out["drift_repairs_reported"] = logged.count("enforcement drift repaired")
         # By hand: one `nft` process adding every address to the emptied set.
         run("nft", "flush", "set", "inet", "gatewayd", "quarantine4", ns=ns)
         elements = ", ".join(tunnel_ip(i) for i in range(n))

@@ -107,8 +107,12 @@ class NftMonitor:
         self.on_drift = on_drift
         self.on_queue_rule = on_queue_rule
         self._queue_touched = False
+        # Our own transactions are announced too, while the event loop is still inside them: the buffer holds
+        # a transaction of 100,000 elements (a team Disconnect, a start-up). At 4 MiB such a transaction
+        # overflowed it, and each time the loss was verified as possible drift (the whole table put back, a
+        # false "drift repaired" event). It is a limit, not memory set aside.
         self._sub = Subscription(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1), self._received, self._lost,
-                                 rcvbuf=4 << 20)
+                                 rcvbuf=64 << 20)
         self._touched: dict[str, int] = {}
         """What the transaction under way did to our table, and how many times."""
         self._deleted: list[bytes] = []

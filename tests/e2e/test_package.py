@@ -124,6 +124,12 @@ def test_install_lays_out_user_credentials_config_and_tools(container: Container
                                                                                              "gatewayd"]
     assert container.sh("dpkg-query -W -f='${Conffiles}' gatewayd").stdout.strip().startswith(
         "/etc/gatewayd/gatewayd.toml")
+    # Byte-code written at install for the service's interpreter (the service cannot write it): every module of
+    # gatewayd and of its dependencies is not compiled again at each start.
+    compiled = container.sh("find /opt/gatewayd/lib -name '*.pyc' -path '*/gatewayd/__pycache__/*' "
+                            "-o -name '*.pyc' -path '*/grpc/__pycache__/*'").stdout.split()
+    assert any("/gatewayd/__pycache__/daemon." in f for f in compiled), compiled[:5]
+    assert any("/grpc/__pycache__/__init__." in f for f in compiled), compiled[:5]
     assert container.run("gatewayctl", "--help").returncode == 0
     assert container.run("gatewayd-client", "--help").returncode == 0
     # Without its credentials the service does not start (and says so).
@@ -202,7 +208,7 @@ def test_upgrade_keeps_database_and_config_remove_keeps_state_purge_removes_it(c
     container.run("dpkg", "-r", "gatewayd")
     assert container.show("ActiveState") == "inactive"
     assert container.run("test", "-s", "/var/lib/gatewayd/state.db", check=False).returncode == 0
-    assert container.run("test", "-e", "/opt/gatewayd/bin/gatewayd", check=False).returncode != 0
+    assert container.run("test", "-e", "/opt/gatewayd", check=False).returncode != 0  # byte-code included
     container.run("dpkg", "-P", "gatewayd")
     assert container.run("test", "-e", "/var/lib/gatewayd", check=False).returncode != 0
     assert container.run("id", "gatewayd", check=False).returncode != 0
