@@ -56,3 +56,27 @@ async def test_changes_by_others_are_reported_and_our_own_are_not() -> None:
         finally:
             with inside(ns):
                 await monitor.close()
+
+
+async def test_our_own_transaction_of_100000_elements_is_not_taken_for_drift() -> None:
+    """A team Disconnect or a start-up at 100,000 peers writes that many elements in one transaction, announced
+    while the event loop is still inside it: the monitor's buffer must hold them all, or the loss is verified as
+    possible drift (the whole table put back, a false "drift repaired" report)."""
+    with namespace() as ns:
+        seen: list[str] = []
+        with inside(ns):
+            monitor = NftMonitor("gatewayd", lambda who, gone: seen.append(who))
+            await monitor.start()
+            enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+            await enforcer.reconcile(set(), set())
+            hosts = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32" for i in range(1, 100_001)]
+            await enforcer.apply(SetChange(quarantine=hosts, track=hosts))
+        try:
+            await asyncio.sleep(0.5)
+            assert seen == []
+            nft(ns, "delete", "element", "inet", "gatewayd", "quarantine4", "{ 10.0.0.7 }")
+            await settle(seen, 1)
+            assert len(seen) == 1 and "deleted set elements" in seen[0]  # still listening afterwards
+        finally:
+            with inside(ns):
+                await monitor.close()
