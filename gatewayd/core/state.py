@@ -212,8 +212,12 @@ class GatewayState:
                 if owned is None:
                     owned = self.peers[key] = Peer(public_key=key)
                 owned.member_id = member.member_id
+        # Timers only where _deadline can give one (a live session, or an authorized peer of a team that
+        # re-verifies): 100,000 restored peers without either cost no lookups.
+        reverifying = {t.team_id for t in self.teams.values() if t.reverify_interval}
         for peer in self.peers.values():
-            self._arm(peer)
+            if peer.session_live or (reverifying and peer.state is A):
+                self._arm(peer)
 
     def tracked_prefixes(self) -> set[str]:
         """Every prefix of a configured, decided peer."""
