@@ -23,11 +23,14 @@ one transaction.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import ipaddress
 import json
+import os
 import threading
 from collections.abc import Collection
 from collections.abc import Set as AbstractSet
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import nftables
@@ -41,6 +44,29 @@ NETS = "_nets"  # suffix of the interval set beside each host set
 
 class NftError(RuntimeError):
     pass
+
+
+WRITER_THREADS: set[int] = set()
+"""Kernel thread ids of the enforcers' writer threads: their transactions are gatewayd's own (the nftables
+monitor does not report them)."""
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def _writer_thread(netns: int) -> None:
+    """A writer thread works in the network namespace its enforcer was made in (libnftables' socket is opened
+    there already; this keeps any reopened one there too). Usually that is the process's own: no setns, which
+    would need CAP_SYS_ADMIN."""
+    try:
+        here, there = os.stat("/proc/thread-self/ns/net"), os.fstat(netns)
+        if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(netns, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns to the enforcer's network namespace")
+    finally:
+        os.close(netns)
+    WRITER_THREADS.add(threading.get_native_id())
 
 
 def _normalize(prefix: str) -> str:
@@ -96,6 +122,10 @@ class NftEnforcer:
         self._reader_nft.set_handle_output(False)
         self._reader_lock = threading.Lock()
         self._handshake: HandshakeRules | None = None
+        # Releases are written from this thread: the event loop answers other calls meanwhile (a batch of proofs
+        # waits for its release either way). Tightenings stay on the loop's thread, where they are quickest.
+        self._writer = ThreadPoolExecutor(1, "nft-writer", initializer=_writer_thread,
+                                          initargs=(os.open("/proc/thread-self/ns/net", os.O_RDONLY),))
         self._prefetched: asyncio.Future[tuple[list[dict[str, Any]], dict[str, set[str]]] | None] | None = None
 
     # ---- the table --------------------------------------------------------------------------------
@@ -394,7 +424,10 @@ class NftEnforcer:
             remove &= self._held[kind]
             commands += self._elements("add", kind, add) + self._elements("delete", kind, remove)
         if commands:
-            self._run(commands)
+            if plan["quarantine"][0] or plan["tracked"][1]:  # it tightens
+                self._run(commands)
+            else:
+                await asyncio.get_running_loop().run_in_executor(self._writer, self._run, commands)
         for kind, (add, remove) in plan.items():
             held = self._held[kind]  # in place: a copy of 10,000 prefixes per change is not free
             held |= add

@@ -4,8 +4,9 @@ A raw NETLINK_NETFILTER socket subscribed to NFNLGRP_NFTABLES. The kernel sends 
 transaction adds or deletes (tables, chains, rules, sets, set elements), then NFT_MSG_NEWGEN naming the process
 that committed it. A transaction by another process (or thread) that touched our table - `nft delete table`,
 `flush ruleset` from a reload of nftables.service, firewalld, a deleted element - is reported to the callback
-when its NEWGEN arrives; our own transactions (made on the event loop's thread) are not. If the socket
-overflowed, notifications were lost: that is reported too, so the caller verifies the whole table.
+when its NEWGEN arrives; our own transactions (made on the event loop's thread or an enforcer's writer thread)
+are not. If the socket overflowed, notifications were lost: that is reported too, so the caller verifies the
+whole table.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import struct
 import threading
 from collections.abc import Callable
 
+from gatewayd.adapters.nftables import WRITER_THREADS
 from gatewayd.netlink import Subscription, attrs, messages
 from gatewayd.ports import RULES
 
@@ -150,7 +152,7 @@ class NftMonitor:
                     self._deleted.append(deleted)
                 continue
             pid, name = value
-            if self._touched and pid not in self._own:
+            if self._touched and pid not in self._own and pid not in WRITER_THREADS:
                 done = ", ".join(f"{w} ({n})" if n > 1 else w for w, n in self._touched.items())
                 if self._touched.keys() <= RULES_ONLY:
                     scope: dict[str, set[str]] | None = {RULES: set()}

@@ -36,10 +36,14 @@ async def test_changes_by_others_are_reported_and_our_own_are_not() -> None:
             await monitor.start()
             enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
             assert await enforcer.reconcile({"10.0.0.2/32"}, {"10.0.0.2/32"})
-            await enforcer.apply(SetChange(quarantine=["10.0.0.3/32"], track=["10.0.0.3/32"]))
+            await enforcer.apply(SetChange(quarantine=["10.0.0.3/32", "10.0.0.4/32"], track=["10.0.0.3/32"]))
+            # A release is written from the enforcer's writer thread (in this namespace), also ours.
+            await enforcer.apply(SetChange(release=["10.0.0.4/32"]))
         try:
             await asyncio.sleep(0.1)
             assert seen == []  # our own transactions
+            listed = nft(ns, "list", "set", "inet", "gatewayd", "quarantine4")
+            assert "10.0.0.3" in listed and "10.0.0.4" not in listed
             nft(ns, "add", "table", "inet", "somebody_else")
             await asyncio.sleep(0.1)
             assert seen == []  # another table
