@@ -225,6 +225,9 @@ class Driver:
     async def run(self) -> None:
         while True:
             first = await self._next(self._timeout())
+            # One turn of the loop first: calls whose requests are already read (gRPC hands them over in bursts)
+            # join this batch - one SQLite and one nftables transaction for more of them - for one loop iteration.
+            await asyncio.sleep(0)
             async with self._batch_lock:
                 batch = [first] if first else []
                 while len(batch) < MAX_BATCH and not self._queue.empty():

@@ -114,9 +114,12 @@ async def _failed(b: Batch, peer: Peer, member: Member, after: limits.AttemptSta
     return ProofOutcome(accepted=False, status=await view(b, peer, after))
 
 
-async def _accepted(b: Batch, peer: Peer, member: Member, factor: Factor, backup_remaining: int = 0
-                    ) -> ProofOutcome:
-    await b.state.save_attempts(member.member_id, limits.RESET)
+async def _accepted(b: Batch, peer: Peer, member: Member, factor: Factor, before: limits.AttemptState,
+                    backup_remaining: int = 0) -> ProofOutcome:
+    """An accepted proof clears the member's failed attempts (`before`: as this job read them; most members have
+    none, and then nothing is written)."""
+    if before != limits.RESET:
+        await b.state.save_attempts(member.member_id, limits.RESET)
     b.ask(b.core.accept_proof, ev.ProofAccepted(public_key=peer.public_key, factor=factor, verified_at=b.now))
     return ProofOutcome(accepted=True, status=await view(b, peer, limits.RESET), backup_remaining=backup_remaining)
 
@@ -205,7 +208,7 @@ async def settle(b: Batch, checked: Checked, decision: ledger.Decision | None, *
             member = await promote(b, member, claim.step)
         else:
             await b.state.set_totp_step(member.member_id, "active", claim.step)
-        return await _accepted(b, peer, member, Factor.TOTP)
+        return await _accepted(b, peer, member, Factor.TOTP, auth.attempts)
     if checked.factor is Factor.BACKUP_CODE:
         assert claim.backup_index is not None
         if not await b.state.consume_backup_code(member.member_id, claim.backup_index, b.now):
@@ -216,9 +219,9 @@ async def settle(b: Batch, checked: Checked, decision: ledger.Decision | None, *
                   code_id=f"{claim.backup_set}:{claim.backup_index}")
         if remaining == 0:
             b.feed(ev.MemberUpserted(member=replace(member, factors=member.factors - {Factor.BACKUP_CODE})))
-        return await _accepted(b, peer, member, Factor.BACKUP_CODE, backup_remaining=remaining)
+        return await _accepted(b, peer, member, Factor.BACKUP_CODE, auth.attempts, backup_remaining=remaining)
     await b.state.set_sign_count(member.member_id, checked.credential_id, checked.sign_count)
-    return await _accepted(b, peer, member, Factor.DEVICE)
+    return await _accepted(b, peer, member, Factor.DEVICE, auth.attempts)
 
 
 class Proof(Protocol):

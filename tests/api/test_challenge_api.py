@@ -84,6 +84,13 @@ async def test_totp_accepts_once_and_replay_is_refused_across_restart(tmp_path: 
         assert (await events(gw, "proof.refused"))[-1]["reason"] == "replayed"
         gw.clock.advance(30)
         assert (await gw.challenge().SubmitTotp(totp(gw.code()))).accepted
+        # The accepted proof cleared the failure, in the store too (checked after another restart).
+        assert (await gw.challenge().GetChallenge(challenge_pb2.GetChallengeRequest())).attempts_left == 10
+    finally:
+        await stop(gw)
+    gw = await start(tmp_path, ca, config=config, source=source, clock=clock)
+    try:
+        assert (await gw.challenge().GetChallenge(challenge_pb2.GetChallengeRequest())).attempts_left == 10
     finally:
         await stop(gw)
 
