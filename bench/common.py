@@ -66,3 +66,36 @@ class Spy:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGINT)
             self.proc.wait(60)
+            if self.output is not None and self.output.exists():
+                summary = self.output.with_name(self.output.name.removesuffix(".raw") + ".summary.json")
+                summary.write_text(json.dumps(flame_summary(self.output), indent=1) + "\n")
+
+
+LOOP_ROOT = "_run_module_as_main"
+"""The event loop's thread: the main thread's stacks start at the module run by `python -m gatewayd`."""
+
+
+def flame_summary(raw: Path, top: int = 40) -> dict[str, Any]:
+    """py-spy's raw (collapsed) stacks of the event loop's thread as shares of its samples: by function itself
+    ("self"; a sample whose innermost Python frame is the loop's run is C code: uvloop and gRPC's asyncio server)
+    and with what it calls ("inclusive")."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not frames[0].startswith(LOOP_ROOT):
+            continue
+        n = int(count)
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            inclusive[f] = inclusive.get(f, 0) + n
+
+    def shares(counts: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [(name, round(n / max(1, total), 4)) for name, n in ranked]
+
+    return {"thread": "event loop", "samples": total, "self": shares(own),
+            "inclusive": shares({k: v for k, v in inclusive.items() if v < total})}
