@@ -54,10 +54,21 @@ monitor does not report them)."""
 CLONE_NEWNET = 0x40000000
 
 
-def _writer_thread(netns: int) -> None:
+def _this_netns() -> int | None:
+    """The calling thread's network namespace (a descriptor), if /proc shows it."""
+    try:
+        return os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _writer_thread(netns: int | None) -> None:
     """A writer thread works in the network namespace its enforcer was made in (libnftables' socket is opened
     there already; this keeps any reopened one there too). Usually that is the process's own: no setns, which
     would need CAP_SYS_ADMIN."""
+    WRITER_THREADS.add(threading.get_native_id())
+    if netns is None:
+        return
     try:
         here, there = os.stat("/proc/thread-self/ns/net"), os.fstat(netns)
         if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
@@ -66,7 +77,6 @@ def _writer_thread(netns: int) -> None:
                 raise OSError(ctypes.get_errno(), "setns to the enforcer's network namespace")
     finally:
         os.close(netns)
-    WRITER_THREADS.add(threading.get_native_id())
 
 
 def _normalize(prefix: str) -> str:
@@ -125,7 +135,7 @@ class NftEnforcer:
         # Releases are written from this thread: the event loop answers other calls meanwhile (a batch of proofs
         # waits for its release either way). Tightenings stay on the loop's thread, where they are quickest.
         self._writer = ThreadPoolExecutor(1, "nft-writer", initializer=_writer_thread,
-                                          initargs=(os.open("/proc/thread-self/ns/net", os.O_RDONLY),))
+                                          initargs=(_this_netns(),))
         self._prefetched: asyncio.Future[tuple[list[dict[str, Any]], dict[str, set[str]]] | None] | None = None
 
     # ---- the table --------------------------------------------------------------------------------
