@@ -159,10 +159,10 @@ async def _prove(members: list[tuple[int, str]], concurrency: int, call: str) ->
     print("ready", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     sem = asyncio.Semaphore(concurrency)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one(ch, s) for ch, _, s in channels))
     seconds = time.perf_counter() - started
-    return {"latencies": latencies, "outcomes": outcomes, "seconds": seconds}
+    return {"latencies": latencies, "outcomes": outcomes, "seconds": seconds, "cpu": time.process_time() - cpu}
 
 
 HEALTH_PATH = "/grpc.health.v1.Health/Check"
@@ -215,10 +215,10 @@ async def _prove_lean(members: list[tuple[int, str]], concurrency: int, call: st
                 outcome = "accepted" if challenge_pb2.ProofResult.FromString(answer).accepted else "refused"
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     seconds = time.perf_counter() - started
-    return {"latencies": latencies, "outcomes": outcomes, "seconds": seconds}
+    return {"latencies": latencies, "outcomes": outcomes, "seconds": seconds, "cpu": time.process_time() - cpu}
 
 
 def client_main(argv: list[str]) -> int:
@@ -289,7 +289,9 @@ def prove(ns: str, members: list[tuple[int, str]], concurrency: int, gw: LabGate
     return {"client": client, "concurrency": concurrency, "members": len(members), "client_processes": processes,
             "outcomes": outcomes, "accepted_per_s": outcomes.get("accepted", 0) / busy, "seconds": busy,
             "daemon_cpu_ms_per_call": cpu * 1000 / max(1, len(latencies)),
-            "daemon_cpu_ms_per_accepted_call_by_thread": by_thread, "latency": summary(latencies),
+            "daemon_cpu_ms_per_accepted_call_by_thread": by_thread,
+            "client_cpu_ms_per_call": round(sum(r["cpu"] for r in results) * 1000 / max(1, len(latencies)), 3),
+            "latency": summary(latencies),
             "cpu_stolen_by_the_host": round(stolen_jiffies / max(1, all_jiffies), 3)}
 
 
