@@ -35,5 +35,6 @@ def test_security_exposure_at_most_2(analyze: str) -> None:
 def test_unit_essentials() -> None:
     text = UNIT.read_text()
     for line in ("Type=notify", "WatchdogSec=", "ExecReload=", "CapabilityBoundingSet=CAP_NET_ADMIN",
-                 "StateDirectory=gatewayd", "LoadCredential=secrets-key:", "User=gatewayd", "NoNewPrivileges=yes"):
+                 "StateDirectory=gatewayd", "LoadCredential=secrets-key:", "User=gatewayd", "NoNewPrivileges=yes",
+                 "LogRateLimitIntervalSec=0"):
         assert line in text
