@@ -31,6 +31,7 @@ from gatewayd.adapters.sqlite import SecretBox, SqliteStore
 from gatewayd.adapters.systemd import notify, watchdog_interval
 from gatewayd.api.listeners import Authorizer, ListenerLimits, TlsFiles, challenge_server, control_server
 from gatewayd.api.services import ChallengeService, ControlService
+from gatewayd.auth import device
 from gatewayd.config import Config, ConfigError, load
 from gatewayd.core.model import PeerState
 from gatewayd.core.state import CoreConfig, GatewayState
@@ -123,15 +124,17 @@ def kernel_adapters(config: Config) -> Adapters:
     if mode is not None:
         log.info("handshake queue %d through %s", h.queue_num, "nftables' queue" if mode == "nft"
                  else "iptables-nft's NFQUEUE target")
+    enforcer = NftEnforcer(table=config.enforcement.table, interface=config.wireguard.interface,
+                           challenge_port=config.challenge.port)
     return Adapters(
         handshake_queue=(lambda on_packets: HandshakeQueue(h.queue_num, on_packets)) if mode else None,
         queue_rule=rule,
-        enforcer=NftEnforcer(table=config.enforcement.table, interface=config.wireguard.interface,
-                             challenge_port=config.challenge.port),
+        enforcer=enforcer,
         source=open_source(config.wireguard),
         flows=Conntrack(),
         watch_links=True,
-        monitor=lambda on_drift, on_queue_rule: NftMonitor(config.enforcement.table, on_drift, on_queue_rule),
+        monitor=lambda on_drift, on_queue_rule: NftMonitor(config.enforcement.table, on_drift, on_queue_rule,
+                                                           own_threads=enforcer.writer_threads),
         ledger=fleet_ledger(config),
     )
 
@@ -319,6 +322,7 @@ class Daemon:
         self.started_at = self.clock()
         self.ready.set()
         notify("READY=1\nSTATUS=enforcing")
+        self._tasks.append(spawn(asyncio.to_thread(device.preload), name="preload"))
         log.info("gatewayd %s ready: %d peers, %d quarantined prefixes", self.config.gateway.id,
                  len(self.core.peers), len(self.core.enforced_prefixes()))
 

@@ -46,11 +46,6 @@ class NftError(RuntimeError):
     pass
 
 
-WRITER_THREADS: set[int] = set()
-"""Kernel thread ids of the enforcers' writer threads: their transactions are gatewayd's own (the nftables
-monitor does not report them)."""
-
-
 CLONE_NEWNET = 0x40000000
 
 
@@ -62,11 +57,11 @@ def _this_netns() -> int | None:
         return None
 
 
-def _writer_thread(netns: int | None) -> None:
-    """A writer thread works in the network namespace its enforcer was made in (libnftables' socket is opened
-    there already; this keeps any reopened one there too). Usually that is the process's own: no setns, which
-    would need CAP_SYS_ADMIN."""
-    WRITER_THREADS.add(threading.get_native_id())
+def _writer_thread(netns: int | None, ids: set[int]) -> None:
+    """A writer thread notes its kernel thread id in `ids`, and works in the network namespace its enforcer was
+    made in (libnftables' socket is opened there already; this keeps any reopened one there too). Usually that
+    is the process's own: no setns, which would need CAP_SYS_ADMIN."""
+    ids.add(threading.get_native_id())
     if netns is None:
         return
     try:
@@ -134,8 +129,11 @@ class NftEnforcer:
         self._handshake: HandshakeRules | None = None
         # Releases are written from this thread: the event loop answers other calls meanwhile (a batch of proofs
         # waits for its release either way). Tightenings stay on the loop's thread, where they are quickest.
+        self.writer_threads: set[int] = set()
+        """Kernel thread ids of the writer thread: its transactions are gatewayd's own, which the nftables
+        monitor must not report (NftMonitor's own_threads)."""
         self._writer = ThreadPoolExecutor(1, "nft-writer", initializer=_writer_thread,
-                                          initargs=(_this_netns(),))
+                                          initargs=(_this_netns(), self.writer_threads))
         self._prefetched: asyncio.Future[tuple[list[dict[str, Any]], dict[str, set[str]]] | None] | None = None
 
     # ---- the table --------------------------------------------------------------------------------

@@ -16,9 +16,8 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
-from gatewayd.adapters.nftables import WRITER_THREADS
 from gatewayd.netlink import Subscription, attrs, messages
 from gatewayd.ports import RULES
 
@@ -104,8 +103,12 @@ class NftMonitor:
     """Reports transactions of others that touched one inet table, and (to `on_queue_rule`) those that touched
     the tables where the handshake queue rule lives."""
 
-    def __init__(self, table: str, on_drift: Drift, on_queue_rule: Callable[[str], None] | None = None) -> None:
+    def __init__(self, table: str, on_drift: Drift, on_queue_rule: Callable[[str], None] | None = None, *,
+                 own_threads: Collection[int] = ()) -> None:
+        """`own_threads`: kernel thread ids (a live collection) of other threads whose transactions are ours, such
+        as the enforcer's writer thread (NftEnforcer.writer_threads)."""
         self.table = table
+        self._own_threads = own_threads
         self.on_drift = on_drift
         self.on_queue_rule = on_queue_rule
         self._queue_touched = False
@@ -152,7 +155,7 @@ class NftMonitor:
                     self._deleted.append(deleted)
                 continue
             pid, name = value
-            if self._touched and pid not in self._own and pid not in WRITER_THREADS:
+            if self._touched and pid not in self._own and pid not in self._own_threads:
                 done = ", ".join(f"{w} ({n})" if n > 1 else w for w, n in self._touched.items())
                 if self._touched.keys() <= RULES_ONLY:
                     scope: dict[str, set[str]] | None = {RULES: set()}

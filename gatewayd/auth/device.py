@@ -16,18 +16,19 @@ import json
 import struct
 from dataclasses import dataclass
 
-from webauthn import verify_authentication_response
-from webauthn.helpers import decode_credential_public_key, decoded_public_key_to_cryptography
-from webauthn.helpers.cose import COSEAlgorithmIdentifier
-from webauthn.helpers.exceptions import WebAuthnException
-from webauthn.helpers.structs import AuthenticationCredential, AuthenticatorAssertionResponse
+# `webauthn` is imported where it is used: the package imports all of itself (registration formats, pyOpenSSL),
+# ~0.12 s of every start before READY. The daemon loads it in a worker thread once READY (preload).
 
-ALGORITHMS = {
-    COSEAlgorithmIdentifier.ECDSA_SHA_256: "ES256",
-    COSEAlgorithmIdentifier.EDDSA: "EdDSA",
-    COSEAlgorithmIdentifier.RSASSA_PKCS1_v1_5_SHA_256: "RS256",
-}
+ALGORITHMS = {-7: "ES256", -8: "EdDSA", -257: "RS256"}
+"""The COSE algorithms accepted (IANA COSE Algorithms registry: ECDSA w/ SHA-256, EdDSA, RSASSA-PKCS1-v1_5
+w/ SHA-256)."""
 NONCE_BYTES = 32
+
+
+def preload() -> None:
+    """Import what verification needs (from a worker thread: the first device proof or enrollment then does not
+    wait for it on the event loop)."""
+    import webauthn  # noqa: F401
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +47,7 @@ class KeyError_(ValueError):
 
 def check_public_key(cose: bytes) -> str:
     """The algorithm name of a COSE_Key we accept; raises KeyError_ for malformed or unsupported keys."""
+    from webauthn.helpers import decode_credential_public_key, decoded_public_key_to_cryptography
     try:
         decoded = decode_credential_public_key(cose)
         decoded_public_key_to_cryptography(decoded)
@@ -110,6 +112,9 @@ def verify(assertion: Assertion, *, nonce: bytes, rp_id: str, origins: list[str]
 
     The signature is checked before the sign count (WebAuthn L2 7.2, step 20 before 21): a forged assertion is
     invalid, never a "possible clone", so nobody holding a member's tunnel can raise clone alarms at will."""
+    from webauthn import verify_authentication_response
+    from webauthn.helpers.exceptions import WebAuthnException
+    from webauthn.helpers.structs import AuthenticationCredential, AuthenticatorAssertionResponse
     credential = AuthenticationCredential(
         id=b64url(assertion.credential_id), raw_id=assertion.credential_id,
         response=AuthenticatorAssertionResponse(

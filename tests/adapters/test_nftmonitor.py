@@ -32,9 +32,9 @@ async def test_changes_by_others_are_reported_and_our_own_are_not() -> None:
             deleted.append(gone)
 
         with inside(ns):
-            monitor = NftMonitor("gatewayd", report)
-            await monitor.start()
             enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+            monitor = NftMonitor("gatewayd", report, own_threads=enforcer.writer_threads)
+            await monitor.start()
             assert await enforcer.reconcile({"10.0.0.2/32"}, {"10.0.0.2/32"})
             await enforcer.apply(SetChange(quarantine=["10.0.0.3/32", "10.0.0.4/32"], track=["10.0.0.3/32"]))
             # A release is written from the enforcer's writer thread (in this namespace), also ours.
