@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 
 # `webauthn` is imported where it is used: the package imports all of itself (registration formats, pyOpenSSL),
-# ~0.12 s of every start before READY. The daemon loads it in a worker thread once READY (preload).
+# ~0.12 s of every start before READY. The daemon loads it right after READY (preload).
 
 ALGORITHMS = {-7: "ES256", -8: "EdDSA", -257: "RS256"}
 """The COSE algorithms accepted (IANA COSE Algorithms registry: ECDSA w/ SHA-256, EdDSA, RSASSA-PKCS1-v1_5
@@ -26,8 +26,7 @@ NONCE_BYTES = 32
 
 
 def preload() -> None:
-    """Import what verification needs (from a worker thread: the first device proof or enrollment then does not
-    wait for it on the event loop)."""
+    """Import what verification needs (so that the first device proof or enrollment does not wait for it)."""
     import webauthn  # noqa: F401
 
 
