@@ -322,11 +322,11 @@ class Daemon:
         self.started_at = self.clock()
         self.ready.set()
         notify("READY=1\nSTATUS=enforcing")
-        # After READY, on the loop's thread (one ~0.12 s pause): imported from a worker thread instead, it made
-        # the drift repair of tests/e2e/test_drift.py miss its deadline (not understood; not risked).
-        device.preload()
         log.info("gatewayd %s ready: %d peers, %d quarantined prefixes", self.config.gateway.id,
                  len(self.core.peers), len(self.core.enforced_prefixes()))
+        # After READY and its log line, on the loop's thread (one ~0.12 s pause): imported from a worker thread
+        # instead, it made the drift repair of tests/e2e/test_drift.py miss its deadline (not understood).
+        device.preload()
 
     async def _join_fleet(self, fleet: Fleet) -> None:
         """Read the fleet ledger before READY when etcd answers within the fleet timeout: a step-up demand written
