@@ -6,11 +6,11 @@ its tunnel address (the challenge API identifies a caller by it) through a route
 one gRPC channel (one TCP connection) per member, connected before the timed calls as a client app's is while it
 watches its status. gatewayd takes that link for its WireGuard interface (see as_tunnel): the peers are read from
 the real wireguard-go and the quarantine is real nftables on the link; only WireGuard's own encryption, which is
-not gatewayd's work, is left out. Two client processes share the calls; each call is timed from send to answer
+not gatewayd's work, is left out. Each call is timed from send to answer
 (accepted = released in nftables and committed). The daemon's CPU time per call is read from /proc, by thread.
 
-The clients are bench.h2client (pre-encoded HTTP/2 frames on plain sockets, ~0.05 ms of CPU a call) in one process:
-on these two cores grpc.aio's client (~0.26 ms a call) took a quarter of the machine from the daemon at 2,000
+The clients are bench.h2client (pre-encoded HTTP/2 frames on plain sockets, ~0.08 ms of CPU a call) in one process:
+on these two cores grpc.aio's client (0.44-0.63 ms a call) took half of the machine from the daemon at 2,000
 calls a second. A run with grpc.aio clients (two processes) is kept beside them for comparison.
 
 Runs: a baseline of gRPC alone (the same connections calling the health service, with both clients), then TOTP
