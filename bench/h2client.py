@@ -2,10 +2,10 @@
 
 The benchmarks run the daemon and its clients on the same two cores; grpc.aio's client spends 0.44-0.63 ms of
 CPU a call here (~0.08 ms for this one), which at 2,000 calls a second is half of the machine taken from the
-daemon. This client writes each
-call's HEADERS and DATA frames, encoded before the timed run, and reads the answer's frames without an HPACK
-decoder (an answer with a message is the call's result; a trailers-only answer is a gRPC error, whose status is
-not decoded). One connection per caller, one call at a time on it (stream 1, 3, ...), h2c only.
+daemon. This client writes each call's HEADERS and DATA frames, encoded before the timed run, and reads the
+answer's frames without an HPACK decoder (an answer with a message is the call's result; a trailers-only answer
+is a gRPC error, whose status is not decoded). One connection per caller, one call at a time on it (stream 1,
+3, ...), h2c only.
 """
 
 from __future__ import annotations
