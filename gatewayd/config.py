@@ -116,6 +116,9 @@ class ChallengeSection:
     addresses (IPv4 and IPv6, not link-local) on `port`, rebound when they change."""
     port: int = 9443
     """The challenge port that quarantined peers may reach on the gateway (nftables rule)."""
+    workers: int = 0
+    """Processes that serve the challenge listener's gRPC (SO_REUSEPORT on the same addresses), relaying each call
+    to the daemon, which checks and serves it as its own listener would; 0: the daemon serves it itself."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,6 +210,7 @@ class Config:
     """[fleet]: share spends, failure counts and step-up demands with other gateways through etcd"""
 
 
+MAX_CHALLENGE_WORKERS = 16
 METHODS = {"Disconnect", "ApplyTeamPolicy", "UpsertMember", "RemoveMember", "ResetMfa", "UnlockMfa",
            "ListSessions", "GetSession", "WatchEvents", "GetStatus", "GetTeamPolicy"}
 
@@ -344,6 +348,8 @@ def validate(cfg: Config) -> Config:
         _host_port(f"challenge.listen[{i}]", address)
     if not 1 <= cfg.challenge.port <= 65535:
         raise ConfigError("challenge.port", "must be a port number")
+    if not 0 <= cfg.challenge.workers <= MAX_CHALLENGE_WORKERS:
+        raise ConfigError("challenge.workers", f"must be between 0 and {MAX_CHALLENGE_WORKERS}")
     if cfg.metrics.listen:
         _host_port("metrics.listen", cfg.metrics.listen)
     mq = cfg.mqtt

@@ -29,7 +29,15 @@ from gatewayd.adapters.mqtt import OutboxPublisher
 from gatewayd.adapters.rtnetlink import LinkWatcher, interface_addresses
 from gatewayd.adapters.sqlite import SecretBox, SqliteStore
 from gatewayd.adapters.systemd import notify, watchdog_interval
-from gatewayd.api.listeners import Authorizer, ListenerLimits, TlsFiles, challenge_server, control_server
+from gatewayd.api.listeners import (
+    Authorizer,
+    ListenerLimits,
+    TlsFiles,
+    challenge_methods,
+    challenge_server,
+    control_server,
+)
+from gatewayd.api.relay import ChallengeWorkers
 from gatewayd.api.services import ChallengeService, ControlService
 from gatewayd.auth import device
 from gatewayd.config import Config, ConfigError, load
@@ -194,7 +202,7 @@ class Daemon:
                 config.mqtt, config.gateway.id, self.store.outbox,
                 lambda cursors: self.driver.submit(MarkPublished(tuple(cursors))), self.driver.events_appended)
         self.control: grpc.aio.Server | None = None
-        self.challenge: grpc.aio.Server | None = None
+        self.challenge: grpc.aio.Server | ChallengeWorkers | None = None
         self.challenge_ports: list[int] = []
         self.challenge_bound: list[str] = []
         """The addresses the challenge listener is bound to."""
@@ -453,9 +461,15 @@ class Daemon:
             log.warning("challenge listener not bound: %s has no addresses yet (it is bound when they appear)",
                         self.config.wireguard.interface)
             return
-        self.challenge, self.challenge_ports = await challenge_server(
-            ChallengeService(self.driver, self.metrics, self.fleet), addresses, self._limits(),
-            foreground=self.driver.foreground)
+        servicer = ChallengeService(self.driver, self.metrics, self.fleet)
+        if self.config.challenge.workers:
+            workers = ChallengeWorkers(challenge_methods(servicer, self._limits(), self.driver.foreground),
+                                       self.config.challenge.workers, self.config.control.max_message_bytes)
+            self.challenge_ports = await workers.start(addresses)
+            self.challenge = workers
+        else:
+            self.challenge, self.challenge_ports = await challenge_server(
+                servicer, addresses, self._limits(), foreground=self.driver.foreground)
 
     async def _rebind_challenge(self) -> None:
         """The interface's addresses changed: follow them if the challenge listener is bound to them."""
@@ -522,7 +536,7 @@ class Daemon:
             self.control = None
             await self._start_control()
             rebound.append("control")
-        if old.challenge.listen != new.challenge.listen:
+        if old.challenge.listen != new.challenge.listen or old.challenge.workers != new.challenge.workers:
             if self.challenge is not None:
                 await self.challenge.stop(SHUTDOWN_GRACE)
             self.challenge = None

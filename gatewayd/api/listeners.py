@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gatewayd.api import relay
 from gatewayd.errors import EnforcementFailed, JobFailed, Refused, Status, StorageFailed
 from gatewayd.scheduling import Foreground
 from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_pb2_grpc
@@ -186,7 +187,7 @@ async def control_server(servicer: control_pb2_grpc.ControlServiceServicer, *, t
     _guard_all(servicer, control_pb2.DESCRIPTOR.services_by_name["ControlService"], limits, authorizer, foreground)
     _add_service(servicer, control_pb2.DESCRIPTOR.services_by_name["ControlService"], server)
     name = control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name
-    await _health(server, [name])
+    await serve_health(server, [name])
     port = None
     if tcp:
         if tls is None:
@@ -215,7 +216,7 @@ async def challenge_server(servicer: challenge_pb2_grpc.ChallengeServiceServicer
     server = _server(limits)
     _guard_all(servicer, challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"], limits, None, foreground)
     _add_service(servicer, challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"], server)
-    await _health(server, [challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"].full_name])
+    await serve_health(server, [challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"].full_name])
     ports = []
     for address in addresses:
         port = server.add_insecure_port(address)
@@ -226,7 +227,22 @@ async def challenge_server(servicer: challenge_pb2_grpc.ChallengeServiceServicer
     return server, ports
 
 
-async def _health(server: grpc.aio.Server, names: list[str]) -> None:
+def challenge_methods(servicer: challenge_pb2_grpc.ChallengeServiceServicer, limits: ListenerLimits,
+                      foreground: Foreground) -> list[relay.Method]:
+    """The challenge API as served for worker processes (gatewayd.api.relay): the same guarded servicer and the
+    same request parsing as challenge_server, indexed by the method's place in the service descriptor."""
+    service = challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"]
+    _guard_all(servicer, service, limits, None, foreground)
+    methods = []
+    for method in service.methods:
+        request, response = (message_factory.GetMessageClass(t) for t in (method.input_type, method.output_type))
+        methods.append(relay.Method(name=method.name, handler=getattr(servicer, method.name),
+                                    parse=_parser(request), serialize=response.SerializeToString,
+                                    streaming=method.server_streaming))
+    return methods
+
+
+async def serve_health(server: grpc.aio.Server, names: list[str]) -> None:
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     for name in ["", *names]:
