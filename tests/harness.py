@@ -6,12 +6,13 @@ import base64
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pyotp
+import pytest
 import pytest_asyncio
 
 from gatewayd.auth.limits import AttemptPolicy
@@ -159,14 +160,23 @@ def write_config(config: Config, path: Path) -> Path:
 
 async def start(tmp: Path, ca: Authority, config: Config | None = None,
                 source: MemorySource | None = None, enforcer: MemoryEnforcer | None = None,
-                clock: Clock | None = None, config_path: Path | None = None) -> Harness:
+                clock: Clock | None = None, config_path: Path | None = None, workers: int | None = None
+                ) -> Harness:
+    """A started daemon; `workers`: serve the challenge API from that many worker processes (gatewayd.api.relay)."""
+    config = config or config_for(tmp, ca)
+    if workers is not None:
+        config = replace(config, challenge=replace(config.challenge, workers=workers))
     enforcer = enforcer or MemoryEnforcer()
     source = source or MemorySource()
     flows = MemoryFlows()
     clock = clock or Clock()
-    daemon = Daemon(config or config_for(tmp, ca), Adapters(enforcer=enforcer, source=source, flows=flows),
+    daemon = Daemon(config, Adapters(enforcer=enforcer, source=source, flows=flows),
                     clock=clock, autopoll=False, config_path=config_path)
-    await daemon.start()
+    try:
+        await daemon.start()
+    except BaseException:
+        await daemon.stop()  # what start opened is closed, as Daemon.serve does
+        raise
     return Harness(daemon, enforcer, source, flows, clock, tmp, ca)
 
 
@@ -179,6 +189,16 @@ async def stop(h: Harness) -> None:
 @pytest_asyncio.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[Harness]:
     h = await start(tmp_path, Authority("gatewayd test CA"))
+    try:
+        yield h
+    finally:
+        await stop(h)
+
+
+@pytest_asyncio.fixture(name="gw", params=[0, 2], ids=["in-process", "worker-processes"])
+async def gw_either_challenge_server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    """`gw` twice: the challenge API served by the daemon itself, then by two worker processes."""
+    h = await start(tmp_path, Authority("gatewayd test CA"), workers=request.param)
     try:
         yield h
     finally:

@@ -15,10 +15,10 @@ from gatewayd.auth import backup
 from gatewayd.errors import Refused
 from gatewayd.runtime.proofs import Prove, SubmitBackupCode
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
-from tests.harness import Harness, gw, key, start, stop
+from tests.harness import Harness, gw_either_challenge_server, key, start, stop
 from tests.pki import Authority
 
-__all__ = ["gw"]
+__all__ = ["gw_either_challenge_server"]
 
 ME = key(1)
 LOOPBACK = "127.0.0.1/32"

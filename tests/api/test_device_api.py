@@ -13,10 +13,10 @@ from gatewayd.auth.device import Assertion
 from gatewayd.lab.authenticator import UP, SoftAuthenticator
 from gatewayd.runtime.proofs import GetChallenge
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
-from tests.harness import Harness, gw, key, start, stop
+from tests.harness import Harness, gw_either_challenge_server, key, start, stop
 from tests.pki import Authority
 
-__all__ = ["gw"]
+__all__ = ["gw_either_challenge_server"]
 ME, OTHER = key(1), key(2)
 
 

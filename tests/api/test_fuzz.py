@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
@@ -267,10 +268,10 @@ def sweep(service: ServiceDescriptor) -> list[tuple[str, bool, bytes]]:
     return out
 
 
-def fuzz_service(tmp_path: Path, service: ServiceDescriptor, channel_of: Callable[[Harness], grpc.aio.Channel]
-                 ) -> None:
+def fuzz_service(tmp_path: Path, service: ServiceDescriptor, channel_of: Callable[[Harness], grpc.aio.Channel],
+                 workers: int = 0) -> None:
     loop = LoopThread()
-    h = loop.run(start(tmp_path, Authority("fuzz CA")))
+    h = loop.run(start(tmp_path, Authority("fuzz CA"), workers=workers))
     try:
         loop.run(quarantined(h))
 
@@ -317,9 +318,10 @@ def test_fuzz_control_service(tmp_path: Path) -> None:
     fuzz_service(tmp_path, control_pb2.DESCRIPTOR.services_by_name["ControlService"], channel)
 
 
-def test_fuzz_challenge_service(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "worker-processes"])
+def test_fuzz_challenge_service(tmp_path: Path, workers: int) -> None:
     def channel(h: Harness) -> grpc.aio.Channel:
         h.challenge()
         return h.channels[-1]
 
-    fuzz_service(tmp_path, challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"], channel)
+    fuzz_service(tmp_path, challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"], channel, workers)

@@ -4,7 +4,8 @@ nothing of the host changes), with a private network namespace (gatewayd's nftab
 
 Checked: what the package lays out (user, credentials directory, conffile, tools on PATH, the operator's
 to-do list); `systemctl start` active only after READY (the table reconciled); the service as user gatewayd with
-only CAP_NET_ADMIN; JSON logs in the journal; reload with a good and a bad file; the watchdog restarting a daemon
+only CAP_NET_ADMIN; challenge worker processes with no capability at all, replaced when killed; JSON logs in
+the journal; reload with a good and a bad file; the watchdog restarting a daemon
 that stopped making progress; `systemctl stop` leaving the quarantine table; upgrade keeping the database and
 the operator's config; remove keeping the state, purge removing it.
 """
@@ -157,6 +158,45 @@ def test_the_journal_has_the_json_logs(container: Container) -> None:
     records = [json.loads(line) for line in lines if line.startswith("{")]
     assert any(r.get("msg", "").startswith("gatewayd gateway-1 ready") for r in records)
     assert all({"level", "logger", "msg"} <= r.keys() for r in records)
+
+
+def test_challenge_workers_run_as_gatewayd_without_any_capability(container: Container) -> None:
+    # The unit filters capset(2) and gives CAP_NET_ADMIN as an ambient capability: the workers must still end
+    # with none (they clear the ambient set and execute themselves again) and serve the challenge port.
+    container.sh("sed -i '/^\\[challenge\\]$/,/^\\[/ s/^listen = \\[\\]$/listen = [\"127.0.0.1:9443\"]\\nworkers = 2/' "
+                 "/etc/gatewayd/gatewayd.toml")
+    assert 'workers = 2' in container.run("cat", "/etc/gatewayd/gatewayd.toml").stdout
+    container.run("systemctl", "restart", "gatewayd")
+    pid = container.show("MainPID")
+    children = container.run("pgrep", "-P", pid).stdout.split()
+    assert len(children) == 2, children
+    uid = container.run("id", "-u", "gatewayd").stdout.strip()
+    for child in children:
+        status = dict(line.split(":\t", 1) for line in
+                      container.run("cat", f"/proc/{child}/status").stdout.splitlines() if ":\t" in line)
+        assert status["Uid"].split()[:2] == [uid, uid]
+        assert status["NoNewPrivs"].strip() == "1"
+        for cap in ("CapEff", "CapPrm", "CapAmb"):
+            assert int(status[cap], 16) == 0, (child, cap, status[cap])
+        # The inheritable set cannot be emptied without capset; it grants nothing: no ambient set, no new
+        # privileges (no file capabilities at execve), and the bounding set still CAP_NET_ADMIN only.
+        assert int(status["CapInh"], 16) in (0, 1 << 12) and int(status["CapBnd"], 16) == 1 << 12
+        assert "gatewayd.api.worker" in container.run("cat", f"/proc/{child}/cmdline").stdout
+    probe = ("import grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; "
+             "c = grpc.insecure_channel('127.0.0.1:9443'); "
+             "print(h.HealthCheckResponse.ServingStatus.Name(g.HealthStub(c).Check("
+             "h.HealthCheckRequest(service='gatewayd.v1.ChallengeService'), timeout=10).status))")
+    assert container.run("/opt/gatewayd/bin/python", "-c", probe).stdout.strip() == "SERVING"
+    # A worker killed by its PID is replaced; the daemon keeps running.
+    container.run("kill", "-KILL", children[0])
+    deadline = time.monotonic() + 15
+    while True:
+        now = container.run("pgrep", "-P", pid, check=False).stdout.split()
+        if len(now) == 2 and children[0] not in now:
+            break
+        assert time.monotonic() < deadline, now
+        time.sleep(0.3)
+    assert container.show("MainPID") == pid and container.show("ActiveState") == "active"
 
 
 def test_reload_takes_a_good_file_and_keeps_running_on_a_bad_one(container: Container) -> None:
