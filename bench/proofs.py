@@ -264,7 +264,7 @@ def prove(ns: str, members: list[tuple[int, str]], concurrency: int, gw: LabGate
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("a client process failed")
-    cpu, threads, stolen = daemon_cpu(gw), daemon_threads_cpu(gw), steal()
+    cpu, threads, stolen, helpers = daemon_cpu(gw), daemon_threads_cpu(gw), steal(), workers_cpu(gw)
     for proc in procs:
         assert proc.stdin is not None
         proc.stdin.write("go\n")
@@ -276,6 +276,7 @@ def prove(ns: str, members: list[tuple[int, str]], concurrency: int, gw: LabGate
         results.append(json.loads(report.read_text()))
         report.unlink()
     cpu = daemon_cpu(gw) - cpu
+    helpers = workers_cpu(gw) - helpers
     stolen_jiffies, all_jiffies = (after - before for after, before in zip(steal(), stolen, strict=True))
     calls = sum(r["outcomes"].get("accepted", 0) for r in results) or 1
     by_thread = {name: round((seconds - threads.get(name, 0.0)) * 1000 / calls, 3)
@@ -290,6 +291,7 @@ def prove(ns: str, members: list[tuple[int, str]], concurrency: int, gw: LabGate
             "outcomes": outcomes, "accepted_per_s": outcomes.get("accepted", 0) / busy, "seconds": busy,
             "daemon_cpu_ms_per_call": cpu * 1000 / max(1, len(latencies)),
             "daemon_cpu_ms_per_accepted_call_by_thread": by_thread,
+            "workers_cpu_ms_per_call": round(helpers * 1000 / max(1, len(latencies)), 3),
             "client_cpu_ms_per_call": round(sum(r["cpu"] for r in results) * 1000 / max(1, len(latencies)), 3),
             "latency": summary(latencies),
             "cpu_stolen_by_the_host": round(stolen_jiffies / max(1, all_jiffies), 3)}
@@ -303,6 +305,32 @@ def steal() -> tuple[int, int]:
 
 def daemon_cpu(gw: LabGateway) -> float:
     return sum(daemon_threads_cpu(gw).values())
+
+
+def gw_workers(gw: LabGateway) -> list[int]:
+    """The daemon's child processes: its challenge workers."""
+    assert gw.proc is not None
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == gw.proc.pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+def workers_cpu(gw: LabGateway) -> float:
+    """CPU seconds of the challenge workers (all their threads)."""
+    total = 0.0
+    for pid in gw_workers(gw):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def daemon_threads_cpu(gw: LabGateway) -> dict[str, float]:
@@ -344,7 +372,7 @@ def by_hand(ns: str, keys_ips: list[tuple[str, str]], secrets: list[str], calls:
     return {"calls": calls, "per_s": calls / sum(latencies), "latency": summary(latencies)}
 
 
-def run_bench(n: int, profile: Path | None) -> dict[str, Any]:
+def run_bench(n: int, profile: Path | None, workers: list[int]) -> dict[str, Any]:
     lab = Lab(peers_wanted=0)
     out: dict[str, Any] = {"members": n}
     with lab.running():
@@ -353,29 +381,48 @@ def run_bench(n: int, profile: Path | None) -> dict[str, Any]:
         wire(lab, clients, n)
         raw = [os.urandom(20) for _ in range(n)]
         secrets = [base64.b32encode(s).decode() for s in raw]
-        gw = LabGateway(lab, challenge={"listen": [f"0.0.0.0:{PORT}"]}, wireguard=as_tunnel(lab))
-        gw.start(timeout=120)
-        try:
-            asyncio.run(enroll(lab.workdir / "control.sock", keys, raw))
-            out["quarantined_before"] = quarantined(lab.gw_ns)
-            members = list(enumerate(secrets))
-            out["grpc_baseline"] = prove(clients, members, 64, gw, processes=1, call="health", client="lean")
-            out["grpc_baseline_grpcio_clients"] = prove(clients, members, 64, gw, call="health")
-            with Spy(lambda: gw.proc.pid if gw.proc else None, profile, rate=1000):
-                time.sleep(1 if profile else 0)
-                runs = [prove(clients, members, 64, gw, processes=1, client="lean")]
-            out["quarantined_after_c64"] = quarantined(lab.gw_ns)
-            for concurrency, count, client in ((64, n, "grpc"), (16, min(n, 2000), "lean"), (1, min(n, 300), "lean")):
+        members = list(enumerate(secrets))
+        for k, count in enumerate(workers):
+            gw = LabGateway(lab, challenge={"listen": [f"0.0.0.0:{PORT}"], "workers": count}, wireguard=as_tunnel(lab))
+            gw.start(timeout=120)
+            try:
+                if k == 0:
+                    asyncio.run(enroll(lab.workdir / "control.sock", keys, raw))
+                else:
+                    wait_next_step()  # the previous runs spent this step's codes
+                key = "gatewayd" if count == 0 else f"gatewayd_{count}_workers"
+                out[key] = runs_on(gw, clients, members, profile if k == 0 else None, grpcio=count == 0)
                 asyncio.run(disconnect_team(lab.workdir / "control.sock"))
-                wait_next_step()
-                runs.append(prove(clients, members[:count], concurrency, gw, processes=2 if client == "grpc" else 1,
-                                  client=client))
-            out["gatewayd"] = runs
-            asyncio.run(disconnect_team(lab.workdir / "control.sock"))
-        finally:
-            gw.stop()
+            finally:
+                gw.stop()
         out["by_hand"] = by_hand(lab.gw_ns, [(k, tunnel_ip(i)) for i, k in enumerate(keys)], secrets, 200)
-        out["ratio_c64_to_by_hand"] = runs[0]["accepted_per_s"] / out["by_hand"]["per_s"]
+        for key, value in list(out.items()):
+            if key.startswith("gatewayd"):
+                out[f"ratio_c64_to_by_hand_{key}"] = value["runs"][0]["accepted_per_s"] / out["by_hand"]["per_s"]
+    return out
+
+
+def runs_on(gw: LabGateway, clients: str, members: list[tuple[int, str]], profile: Path | None, grpcio: bool
+            ) -> dict[str, Any]:
+    """The baseline (health checks) and the proofs at c64, c16 and c1 (and c64 with grpc.aio clients if
+    `grpcio`) against one started gateway whose members are all quarantined."""
+    n = len(members)
+    out: dict[str, Any] = {"workers": gw_workers(gw)}
+    out["quarantined_before"] = quarantined(gw.lab.gw_ns)
+    out["grpc_baseline"] = prove(clients, members, 64, gw, processes=1, call="health", client="lean")
+    if grpcio:
+        out["grpc_baseline_grpcio_clients"] = prove(clients, members, 64, gw, call="health")
+    with Spy(lambda: gw.proc.pid if gw.proc else None, profile, rate=1000):
+        time.sleep(1 if profile else 0)
+        runs = [prove(clients, members, 64, gw, processes=1, client="lean")]
+    out["quarantined_after_c64"] = quarantined(gw.lab.gw_ns)
+    later = ((64, n, "grpc"),) if grpcio else ()
+    for concurrency, count, client in (*later, (16, min(n, 2000), "lean"), (1, min(n, 300), "lean")):
+        asyncio.run(disconnect_team(gw.lab.workdir / "control.sock"))
+        wait_next_step()
+        runs.append(prove(clients, members[:count], concurrency, gw, processes=2 if client == "grpc" else 1,
+                          client=client))
+    out["runs"] = runs
     return out
 
 
@@ -387,10 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=10_000)
     parser.add_argument("--profile", type=Path, help="py-spy raw (collapsed) stacks of the c64 run to this file")
     parser.add_argument("--out", type=Path, default=Path("bench/proofs.json"))
+    parser.add_argument("--workers", default="0,2",
+                        help="challenge worker processes, one gateway per value (0: the daemon serves gRPC itself)")
     args = parser.parse_args(argv)
     if not is_root():
         return 1
-    write_report(args.out, run_bench(args.members, args.profile))
+    write_report(args.out, run_bench(args.members, args.profile, [int(w) for w in args.workers.split(",")]))
     return 0
 
 
