@@ -18,7 +18,12 @@ proofs at concurrency 64 over all members, then (each after a team Disconnect pu
 and the next TOTP step began) 64 again with grpc.aio clients, 16 and 1 over subsets. Each run notes the share
 of the machine's CPU time the hypervisor gave to other guests meanwhile (steal), the noise of this host. Also
 the hand-scripted way: verify the code with pyotp and release the peer with one `nft delete element` process
-per proof. Writes JSON. Run as root: `make bench`.
+per proof.
+
+`--workers 0,2` (the default): all of it once per value, each on a gateway of its own over the same members -
+0: the daemon serves the challenge API's gRPC itself ("gatewayd" in the JSON); N: N challenge worker processes
+serve it and relay each call to the daemon ("gatewayd_N_workers"; the workers' CPU per call beside the daemon's).
+Writes JSON. Run as root: `make bench`.
 """
 
 from __future__ import annotations
