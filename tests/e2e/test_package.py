@@ -163,8 +163,8 @@ def test_the_journal_has_the_json_logs(container: Container) -> None:
 def test_challenge_workers_run_as_gatewayd_without_any_capability(container: Container) -> None:
     # The unit filters capset(2) and gives CAP_NET_ADMIN as an ambient capability: the workers must still end
     # with none (they clear the ambient set and execute themselves again) and serve the challenge port.
-    container.sh("sed -i '/^\\[challenge\\]$/,/^\\[/ s/^listen = \\[\\]$/listen = [\"127.0.0.1:9443\"]/; s/^workers = 0$/workers = 2/' "
-                 "/etc/gatewayd/gatewayd.toml")
+    container.sh("sed -i '/^\\[challenge\\]$/,/^\\[/ s/^listen = \\[\\]$/listen = [\"127.0.0.1:9443\"]/; "
+                 "s/^workers = 0$/workers = 2/' /etc/gatewayd/gatewayd.toml")
     assert 'workers = 2' in container.run("cat", "/etc/gatewayd/gatewayd.toml").stdout
     container.run("systemctl", "restart", "gatewayd")
     pid = container.show("MainPID")
