@@ -315,14 +315,12 @@ def daemon_cpu(gw: LabGateway) -> float:
 def gw_workers(gw: LabGateway) -> list[int]:
     """The daemon's child processes: its challenge workers."""
     assert gw.proc is not None
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    children: list[int] = []
+    for task in Path(f"/proc/{gw.proc.pid}/task").glob("*/children"):
         try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == gw.proc.pid:
-            children.append(int(stat.parent.name))
+            children += map(int, task.read_text().split())
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
     return sorted(children)
 
 

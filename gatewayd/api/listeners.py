@@ -86,15 +86,24 @@ def _parser(cls: Any) -> Callable[[bytes], Any]:
     return parse
 
 
-def _add_service(servicer: Any, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
-    """Register the servicer's methods (what the generated add_*_to_server does) with request parsers that turn a
-    message that does not parse into Undecodable instead of an error gRPC would answer as UNKNOWN."""
-    handlers = {}
+def _methods(servicer: Any, service: ServiceDescriptor) -> list[relay.Method]:
+    """The servicer's methods in the service descriptor's order, each with a request parser that turns a message
+    that does not parse into Undecodable instead of an error gRPC would answer as UNKNOWN."""
+    methods = []
     for method in service.methods:
         request, response = (message_factory.GetMessageClass(t) for t in (method.input_type, method.output_type))
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=_parser(request),
-                                     response_serializer=response.SerializeToString)
+        methods.append(relay.Method(name=method.name, handler=getattr(servicer, method.name),
+                                    parse=_parser(request), serialize=response.SerializeToString,
+                                    streaming=method.server_streaming))
+    return methods
+
+
+def _add_service(servicer: Any, service: ServiceDescriptor, server: grpc.aio.Server) -> None:
+    """Register the servicer's methods (what the generated add_*_to_server does, with _methods' parsers)."""
+    handlers = {}
+    for m in _methods(servicer, service):
+        make = grpc.unary_stream_rpc_method_handler if m.streaming else grpc.unary_unary_rpc_method_handler
+        handlers[m.name] = make(m.handler, request_deserializer=m.parse, response_serializer=m.serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
@@ -233,13 +242,7 @@ def challenge_methods(servicer: challenge_pb2_grpc.ChallengeServiceServicer, lim
     same request parsing as challenge_server, indexed by the method's place in the service descriptor."""
     service = challenge_pb2.DESCRIPTOR.services_by_name["ChallengeService"]
     _guard_all(servicer, service, limits, None, foreground)
-    methods = []
-    for method in service.methods:
-        request, response = (message_factory.GetMessageClass(t) for t in (method.input_type, method.output_type))
-        methods.append(relay.Method(name=method.name, handler=getattr(servicer, method.name),
-                                    parse=_parser(request), serialize=response.SerializeToString,
-                                    streaming=method.server_streaming))
-    return methods
+    return _methods(servicer, service)
 
 
 async def serve_health(server: grpc.aio.Server, names: list[str]) -> None:
