@@ -158,6 +158,8 @@ class GatewayState:
         # Which peers list a prefix. WireGuard gives a prefix to one peer, but a poll can catch it moving: the
         # one holder's key as it is (a set per prefix would cost ~220 bytes a peer), a set only while several.
         self._listed: dict[str, str | set[str]] = {}
+        self._subnets: dict[str, ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None
+        """peer_for_address's index of the listed subnet prefixes; None: to be rebuilt."""
         self._timers: list[tuple[float, str]] = []
 
     # ---- restoring and reading --------------------------------------------------------------------
@@ -204,6 +206,7 @@ class GatewayState:
                     holders.add(key)
                 elif holders != key:
                     listed[p] = {holders, key}
+        self._subnets = None
         # Every key a member lists has a Peer (until the member lets go of it), which names the member: that
         # is the one key -> member map (no second dict of 100,000 entries).
         for member in self.members.values():
@@ -241,7 +244,12 @@ class GatewayState:
                 if (peer := self.peers.get(k)) is not None and peer.present for p in peer.allowed_ips]
 
     def peer_for_address(self, address: str) -> Peer | None:
-        """The configured peer whose allowed IPs contain `address` (a tunnel source address)."""
+        """The configured peer whose allowed IPs contain `address` (a tunnel source address): a host prefix by
+        its key, else the longest subnet prefix that contains it (looked up among subnet prefixes only: an
+        address no peer holds must not cost a walk over 100,000 peers, it is the caller anyone can be)."""
+        for key in self._holders(f"{address}/{128 if ':' in address else 32}"):  # as caller_address writes it
+            if self.peers[key].present:
+                return self.peers[key]
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
@@ -250,14 +258,19 @@ class GatewayState:
             if self.peers[key].present:
                 return self.peers[key]
         best: tuple[int, Peer] | None = None
-        for peer in self.peers.values():
-            if not peer.present:
-                continue
-            for prefix in peer.allowed_ips:
-                net = ipaddress.ip_network(prefix, strict=False)
-                if ip.version == net.version and ip in net and (best is None or net.prefixlen > best[0]):
-                    best = (net.prefixlen, peer)
+        for prefix, net in self._subnet_index().items():
+            if ip.version == net.version and ip in net and (best is None or net.prefixlen > best[0]):
+                for key in self._holders(prefix):
+                    if self.peers[key].present:
+                        best = (net.prefixlen, self.peers[key])
+                        break
         return best[1] if best else None
+
+    def _subnet_index(self) -> dict[str, ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The listed prefixes that are not host prefixes, parsed; rebuilt after one was listed or dropped."""
+        if self._subnets is None:
+            self._subnets = {p: ipaddress.ip_network(p, strict=False) for p in self._listed if not _is_host(p)}
+        return self._subnets
 
     def member_of(self, peer: Peer) -> Member | None:
         return self.members.get(peer.member_id) if peer.member_id else None
@@ -790,6 +803,8 @@ class GatewayState:
         if gone:
             out.append(Untrack(prefixes=gone))
         added = tuple(p for p in fresh if p not in dropped)
+        if not all(_is_host(p) for p in (*dropped, *fresh)):
+            self._subnets = None
         if added:
             out.append(Track(prefixes=added))
 
@@ -816,6 +831,11 @@ class GatewayState:
             raise CoreBug("saving an undecided peer")
         return SavePeer(record=record_of(peer))
 
+
+
+def _is_host(prefix: str) -> bool:
+    """A prefix of one address (how WireGuard and the store write them: "10.0.0.1/32", "fd00::1/128")."""
+    return (prefix.endswith("/32") and ":" not in prefix) or prefix.endswith("/128")
 
 
 def record_of(peer: Peer) -> PeerRecord:

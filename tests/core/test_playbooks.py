@@ -377,3 +377,24 @@ def test_a_prefix_caught_moving_between_peers_stays_enforced_while_any_holder_is
     out = play(ev.PeerUnconfigured(public_key=K1))
     assert released(out) == {IP1, IP2} and untracked(out) == {IP1, IP2}
     assert play.gw.tracked_prefixes() == set() and play.gw.peer_for_address("10.0.0.2") is None
+
+
+def test_the_caller_of_an_address_is_the_longest_prefix_of_a_configured_peer() -> None:
+    """Host prefixes by key; subnets (site-to-site peers) by longest match, kept current as peers' allowed IPs
+    change; an address nobody holds, or held only by a peer gone from the interface, is nobody's."""
+    play = Play()
+    play(ev.PeerConfigured(public_key=K1, allowed_ips=("10.1.0.0/16", "fd00:1::/64")))
+    play(ev.PeerConfigured(public_key=K2, allowed_ips=("10.1.2.0/24", "10.9.0.7/32")))
+    def found(address: str) -> str | None:
+        peer = play.gw.peer_for_address(address)
+        return peer.public_key if peer else None
+
+    assert [found(a) for a in
+            ("10.1.2.3", "10.1.3.3", "10.9.0.7", "fd00:1::5", "10.2.0.1", "fd00:2::1", "not an address", "")] \
+        == [K2, K1, K2, K1, None, None, None, None]
+    play(ev.PeerConfigured(public_key=K2, allowed_ips=("10.9.0.7/32",)))  # K2 lets go of its /24
+    assert found("10.1.2.3") == K1
+    play(ev.PeerConfigured(public_key=K1, allowed_ips=("10.3.0.0/16",)))
+    assert found("10.1.2.3") is None and found("10.3.4.5") == K1
+    play(ev.PeerUnconfigured(public_key=K1))
+    assert found("10.3.4.5") is None and found("10.9.0.7") == K2
