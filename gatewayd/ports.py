@@ -3,7 +3,7 @@ the runtime sees only these."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -61,8 +61,11 @@ class Enforcer(Protocol):
         `elements`, only the structure (table, sets, chains, rules)."""
         ...
 
-    async def apply(self, change: SetChange) -> None:
-        """Apply one change in one atomic transaction."""
+    async def apply(self, change: SetChange, *, first: Callable[[], None] | None = None) -> None:
+        """Apply one change in one atomic transaction. `first` (a loosening only): a blocking call that must
+        succeed before the change is made - the store's COMMIT (Store.commit_blocking) - run just before it on
+        the thread that writes, so that a batch's commit and its releases cost one hop off the event loop; if it
+        raises, nothing is applied and its exception propagates."""
         ...
 
     def quarantined(self) -> AbstractSet[str]:
@@ -373,7 +376,13 @@ class Store(Protocol):
     def outbox(self) -> Outbox: ...
 
     async def begin(self) -> None: ...
-    async def commit(self) -> None: ...
+    async def commit(self) -> None:
+        """COMMIT the batch's transaction (waiting for the disk off the event loop)."""
+        ...
+    def commit_blocking(self) -> None:
+        """The same COMMIT on the calling thread: for a thread other than the event loop's (Enforcer.apply's
+        `first`)."""
+        ...
     async def rollback(self) -> None: ...
     async def savepoint(self) -> None:
         """Start a request's savepoint inside the batch's transaction."""

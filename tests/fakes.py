@@ -4,6 +4,7 @@ The real adapters are tested against the kernel in tests/adapters and tests/e2e.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -61,7 +62,11 @@ class MemoryEnforcer:
     async def set_handshake(self, rules: HandshakeRules | None) -> None:
         self.handshake = rules
 
-    async def apply(self, change: SetChange) -> None:
+    async def apply(self, change: SetChange, *, first: Callable[[], None] | None = None) -> None:
+        if first is not None:
+            if change.quarantine or change.untrack:
+                raise ValueError("a tightening is enforced before the commit, never after it")
+            await asyncio.to_thread(first)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected nftables failure")

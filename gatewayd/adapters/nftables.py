@@ -28,7 +28,7 @@ import ipaddress
 import json
 import os
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -422,7 +422,7 @@ class NftEnforcer:
         if elements:
             self._held = desired
 
-    async def apply(self, change: SetChange) -> None:
+    async def apply(self, change: SetChange, *, first: Callable[[], None] | None = None) -> None:
         plan = {
             "quarantine": ({_normalize(p) for p in change.quarantine}, {_normalize(p) for p in change.release}),
             "tracked": ({_normalize(p) for p in change.track}, {_normalize(p) for p in change.untrack}),
@@ -431,11 +431,18 @@ class NftEnforcer:
         for kind, (add, remove) in plan.items():
             remove &= self._held[kind]
             commands += self._elements("add", kind, add) + self._elements("delete", kind, remove)
-        if commands:
-            if plan["quarantine"][0] or plan["tracked"][1]:  # it tightens
-                self._run(commands)
-            else:
-                await asyncio.get_running_loop().run_in_executor(self._writer, self._run, commands)
+        tightens = bool(plan["quarantine"][0] or plan["tracked"][1])
+        if first is not None and tightens:
+            raise ValueError("a tightening is enforced before the commit, never after it")
+        if tightens:
+            self._run(commands)
+        elif commands or first is not None:
+            def write() -> None:
+                if first is not None:
+                    first()  # if the commit fails, nothing is released
+                if commands:
+                    self._run(commands)
+            await asyncio.get_running_loop().run_in_executor(self._writer, write)
         for kind, (add, remove) in plan.items():
             held = self._held[kind]  # in place: a copy of 10,000 prefixes per change is not free
             held |= add

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -75,6 +76,34 @@ async def test_apply_is_one_transaction_and_idempotent() -> None:
         assert len(elements(ns, "quarantine4")) == 1000
         assert "10.250.0.1" not in elements(ns, "quarantine4")
         assert elements(ns, "tracked4") == {p.removesuffix("/32") for p in many[5:10]}
+
+
+async def test_a_release_after_a_commit_is_one_hop_and_nothing_is_released_if_the_commit_fails() -> None:
+    """`first` (the store's COMMIT) runs on the writer thread just before the release; if it raises, the kernel and
+    the enforcer's view keep the quarantine; a tightening never takes one (it comes before the commit)."""
+    with namespace() as ns:
+        with inside(ns):
+            enforcer = NftEnforcer(table="gatewayd", interface="wg0", challenge_port=9443)
+            await enforcer.reconcile({"10.0.0.2/32", "10.0.0.3/32"}, set())
+            seen: list[tuple[str, set[str]]] = []
+
+            def commit() -> None:
+                seen.append((threading.current_thread().name, elements(ns, "quarantine4")))
+
+            def refused() -> None:
+                raise OSError("database or disk is full")
+
+            with pytest.raises(OSError, match="full"):
+                await enforcer.apply(SetChange(release=["10.0.0.2/32"]), first=refused)
+            assert enforcer.quarantined() == {"10.0.0.2/32", "10.0.0.3/32"}
+            await enforcer.apply(SetChange(release=["10.0.0.2/32"]), first=commit)
+            with pytest.raises(ValueError, match="before the commit"):
+                await enforcer.apply(SetChange(quarantine=["10.0.0.4/32"]), first=commit)
+            # A release of what is no longer held still commits.
+            await enforcer.apply(SetChange(release=["10.0.0.2/32"]), first=commit)
+        assert [name.startswith("nft-writer") for name, _ in seen] == [True, True]
+        assert seen[0][1] == {"10.0.0.2", "10.0.0.3"}  # committed while the quarantine still held
+        assert elements(ns, "quarantine4") == {"10.0.0.3"} and enforcer.quarantined() == {"10.0.0.3/32"}
 
 
 async def test_a_prefetched_reading_serves_the_next_reconcile_once() -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +17,10 @@ import pytest_asyncio
 
 from gatewayd.adapters.sqlite import SecretBox, SqliteStore
 from gatewayd.core import events as ev
-from gatewayd.core.model import Factor, Member, Role, Roles, Scope, TeamPolicy
+from gatewayd.core.model import Factor, Member, PeerState, Role, Roles, Scope, TeamPolicy
 from gatewayd.core.state import GatewayState
 from gatewayd.core.tracking import PeerSnapshot
-from gatewayd.errors import JobFailed, Refused, Status
+from gatewayd.errors import EnforcementFailed, JobFailed, Refused, Status, StorageFailed
 from gatewayd.ports import SetChange
 from gatewayd.runtime.control import Disconnect, RemoveMember, ResetMfa, UpsertMember
 from gatewayd.runtime.driver import Batch, Driver, Job
@@ -38,8 +39,8 @@ class LoggedEnforcer(MemoryEnforcer):
         super().__init__()
         self.journal = journal
 
-    async def apply(self, change: SetChange) -> None:
-        await super().apply(change)
+    async def apply(self, change: SetChange, *, first: Callable[[], None] | None = None) -> None:
+        await super().apply(change, first=first)
         self.journal.append("tighten" if change.quarantine or change.untrack else "loosen")
 
 
@@ -47,9 +48,13 @@ class LoggedStore(SqliteStore):
     def __init__(self, path: Path, journal: Journal) -> None:
         super().__init__(path, SecretBox(os.urandom(32)))
         self.journal = journal
+        self.refuse_commit = False
 
-    async def commit(self) -> None:
-        await super().commit()
+    def commit_blocking(self) -> None:
+        if self.refuse_commit:
+            self.refuse_commit = False
+            raise sqlite3.OperationalError("database or disk is full")
+        super().commit_blocking()
         self.journal.append("commit")
 
 
@@ -155,6 +160,43 @@ async def test_loosening_is_applied_after_the_commit(rig: Rig) -> None:
     assert await rig.driver.submit(CallJob(prove)) is True
     assert rig.journal == ["commit", "loosen"]
     assert "10.0.0.1/32" not in rig.enforcer.held
+
+
+async def test_a_commit_the_disk_refuses_releases_nothing(rig: Rig) -> None:
+    """A batch of proofs commits and releases in one hop off the loop: when the COMMIT fails, nothing is released,
+    the callers hear StorageFailed, and the core is rebuilt from what was committed (still quarantined)."""
+    rig.specs.read = {}
+    await rig.driver.submit(disconnect("alice"))
+    rig.journal.clear()
+
+    async def prove(b: Batch) -> bool:
+        return b.ask(b.core.accept_proof, ev.ProofAccepted(public_key=K1, factor=Factor.TOTP, verified_at=b.now))
+
+    rig.store.refuse_commit = True
+    (result,) = await rig.run(CallJob(prove))
+    assert isinstance(result, StorageFailed) and "full" in str(result)
+    assert "loosen" not in rig.journal and "10.0.0.1/32" in rig.enforcer.held
+    assert rig.driver.core.peers[K1].state is PeerState.QUARANTINED
+    # The disk takes writes again: the same proof releases the peer.
+    assert await rig.driver.submit(CallJob(prove)) is True
+    assert rig.journal[-2:] == ["commit", "loosen"] and "10.0.0.1/32" not in rig.enforcer.held
+
+
+async def test_a_release_the_kernel_refuses_after_the_commit_is_reported_and_reconciled(rig: Rig) -> None:
+    rig.specs.read = {}
+    await rig.driver.submit(disconnect("alice"))
+
+    async def prove(b: Batch) -> bool:
+        return b.ask(b.core.accept_proof, ev.ProofAccepted(public_key=K1, factor=Factor.TOTP, verified_at=b.now))
+
+    rig.journal.clear()
+    rig.enforcer.fail_next = True
+    (result,) = await rig.run(CallJob(prove))
+    # The caller hears that the kernel refused; the proof is committed, and the reconcile that follows the batch
+    # puts the kernel in line with it.
+    assert isinstance(result, EnforcementFailed)
+    assert rig.journal == ["commit"] and rig.driver.core.peers[K1].state is PeerState.AUTHORIZED
+    assert "10.0.0.1/32" not in rig.enforcer.held and rig.driver.enforcement_healthy
 
 
 async def test_a_refused_job_writes_nothing_and_its_batch_commits_the_rest(rig: Rig) -> None:

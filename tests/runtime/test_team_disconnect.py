@@ -25,9 +25,9 @@ class OrderingEnforcer(MemoryEnforcer):
         self.view: Callable[[], dict[str, PeerState | None]] = dict
         self.seen: list[dict[str, PeerState | None]] = []
 
-    async def apply(self, change: SetChange) -> None:
+    async def apply(self, change: SetChange, *, first: Callable[[], None] | None = None) -> None:
         self.seen.append(self.view())
-        await super().apply(change)
+        await super().apply(change, first=first)
 
 
 async def _team(gw: Harness, team: str, first: int, count: int) -> list[str]:

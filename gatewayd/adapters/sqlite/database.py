@@ -200,9 +200,18 @@ class InlineConnection:
     def execute(self, sql: str, args: Sequence[Any] = ()) -> _Statement:
         return _Statement(lambda: self._conn.execute(sql, args))
 
-    async def in_thread(self, sql: str) -> None:
-        """A statement that waits (COMMIT, for the disk) in a worker thread."""
-        await asyncio.to_thread(self._conn.execute, sql)
+    def execute_now(self, sql: str) -> None:
+        """A statement run on the calling thread. COMMIT waits for the disk: it is called from a worker thread
+        while the driver awaits it, so the connection is still used by one thread at a time."""
+        self._conn.execute(sql)
+
+    def query(self, sql: str, args: Sequence[Any] = (), *, limit: int | None = None) -> list[Any]:
+        """A query's rows (the first `limit`), on the calling thread."""
+        cursor = self._conn.execute(sql, args)
+        try:
+            return cursor.fetchall() if limit is None else cursor.fetchmany(limit)
+        finally:
+            cursor.close()
 
     async def begin_immediate(self) -> None:
         """BEGIN IMMEDIATE: tried here without waiting; if another process holds the write lock, waited for (up
@@ -336,28 +345,32 @@ class Database:
         await self.writer.begin_immediate()
 
     async def commit(self) -> None:
-        await self.writer.in_thread("COMMIT")
+        await asyncio.to_thread(self.commit_blocking)
+
+    def commit_blocking(self) -> None:
+        self.writer.execute_now("COMMIT")
 
     async def rollback(self) -> None:
         await self.writer.execute("ROLLBACK")
 
+    # The statements of every request (savepoints, the reads below) run directly on the writer's connection:
+    # they never wait for the disk, and the cursor objects of aiosqlite's interface cost more than they do.
+
     async def savepoint(self) -> None:
-        await self.writer.execute("SAVEPOINT request")
+        self.writer.execute_now("SAVEPOINT request")
 
     async def release_savepoint(self) -> None:
-        await self.writer.execute("RELEASE request")
+        self.writer.execute_now("RELEASE request")
 
     async def rollback_savepoint(self) -> None:
-        await self.writer.execute("ROLLBACK TO request")
-        await self.writer.execute("RELEASE request")
+        self.writer.execute_now("ROLLBACK TO request")
+        self.writer.execute_now("RELEASE request")
 
     # ---- queries on the writer --------------------------------------------------------------------
 
     async def all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        async with self.writer.execute(sql, args) as cur:
-            return list(await cur.fetchall())
+        return self.writer.query(sql, args)
 
     async def one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
-        async with self.writer.execute(sql, args) as cur:
-            row: sqlite3.Row | None = await cur.fetchone()
-            return row
+        rows = self.writer.query(sql, args, limit=1)
+        return rows[0] if rows else None

@@ -151,17 +151,20 @@ class SqliteState:
         return frozenset(found)
 
     async def member_auth(self, member_id: str) -> MemberAuth | None:
-        row = await self.db.one("SELECT failures, last_failure_at, locked, reset_pending FROM members "
-                              "WHERE member_id=?", (member_id,))
-        if row is None:
+        # One statement (a proof reads this first): the member's attempt state with each TOTP slot, if any.
+        rows = await self.db.all(
+            "SELECT m.failures, m.last_failure_at, m.locked, m.reset_pending, t.slot, t.nonce, t.secret_ct, "
+            "t.algorithm, t.digits, t.period, t.last_step FROM members m LEFT JOIN totp t USING (member_id) "
+            "WHERE m.member_id=?", (member_id,))
+        if not rows:
             return None
         slots: dict[str, TotpFactor] = {}
-        for slot, nonce, ct, alg, digits, period, last_step in await self.db.all(
-                "SELECT slot, nonce, secret_ct, algorithm, digits, period, last_step FROM totp "
-                "WHERE member_id=?", (member_id,)):
-            secret = self._box.open(nonce, ct, _aad(member_id, slot))
-            slots[slot] = TotpFactor(secret=secret, algorithm=Algorithm(alg), digits=digits, period=period,
-                                     last_step=last_step)
+        for *_, slot, nonce, ct, alg, digits, period, last_step in rows:
+            if slot is not None:
+                secret = self._box.open(nonce, ct, _aad(member_id, slot))
+                slots[slot] = TotpFactor(secret=secret, algorithm=Algorithm(alg), digits=digits, period=period,
+                                         last_step=last_step)
+        row = rows[0]
         return MemberAuth(attempts=AttemptState(failures=row[0], last_failure_at=row[1], locked=bool(row[2])),
                           reset_pending=bool(row[3]), totp=slots.get("active"),
                           pending_totp=slots.get("pending"))
