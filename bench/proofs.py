@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=10_000)
     parser.add_argument("--profile", type=Path, help="py-spy raw (collapsed) stacks of the c64 run to this file")
     parser.add_argument("--out", type=Path, default=Path("bench/proofs.json"))
-    parser.add_argument("--workers", default="0,2",
+    parser.add_argument("--workers", default="0,1,2",
                         help="challenge worker processes, one gateway per value (0: the daemon serves gRPC itself)")
     args = parser.parse_args(argv)
     if not is_root():
