@@ -3,6 +3,8 @@ the runtime sees only these."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -251,6 +253,19 @@ class FleetLedger(Protocol):
 # ---- storage -------------------------------------------------------------------------------------
 
 
+def new_event_id() -> str:
+    """A fresh event id: a time-ordered UUID (version 7, RFC 9562), the Unix time in milliseconds then 74 random
+    bits. Ids made later sort later, so a store's unique index on them grows at its end and is pruned at its
+    start, where its pages are cached: with random (version 4) ids each insert and each prune lands on a random
+    page of an index over up to event_retention rows (SQLite, 100,000 events: twice the cost of inserting and
+    pruning a batch's events)."""
+    raw = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10))
+    raw[6] = 0x70 | (raw[6] & 0x0F)  # version 7
+    raw[8] = 0x80 | (raw[8] & 0x3F)  # variant: RFC 9562 (and 4122)
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class StoredEvent:
     """One event in the outbox."""
@@ -258,7 +273,7 @@ class StoredEvent:
     cursor: int
     """Monotonic position."""
     id: str
-    """UUID."""
+    """UUID (new_event_id)."""
     type: str
     """Dotted type."""
     time: float

@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -41,7 +40,17 @@ from gatewayd.core.model import PeerRecord
 from gatewayd.core.state import GatewayState
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.errors import EnforcementFailed, JobFailed, Refused, StorageFailed
-from gatewayd.ports import Enforcer, FlowTable, Outbox, PeerSource, SetChange, StateStore, Store, StoredEvent
+from gatewayd.ports import (
+    Enforcer,
+    FlowTable,
+    Outbox,
+    PeerSource,
+    SetChange,
+    StateStore,
+    Store,
+    StoredEvent,
+    new_event_id,
+)
 from gatewayd.runtime.memory import release_free_memory
 from gatewayd.scheduling import Foreground
 from gatewayd.tasks import spawn
@@ -420,7 +429,7 @@ class Driver:
         cut_task = asyncio.ensure_future(cut()) if cutting else None
         # Serialising events is CPU work: it overlaps with the kernel work of cut() (socket I/O).
         outbox = self.store.outbox
-        events = [StoredEvent(cursor=outbox.next_cursor + i, id=str(uuid.uuid4()), type=p.type, time=batch.now,
+        events = [StoredEvent(cursor=outbox.next_cursor + i, id=new_event_id(), type=p.type, time=batch.now,
                               subject=p.subject, data_json=json.dumps(p.data, sort_keys=True))
                   for i, p in enumerate(publishes)]
         # A batch that only loosens after its commit (proofs): the enforcer's writer thread commits, then

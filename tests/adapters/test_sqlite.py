@@ -186,3 +186,33 @@ async def test_a_peer_record_round_trips_with_its_endpoint_and_unusual_prefixes(
     _, _, loaded = await store.load()
     assert sorted(loaded, key=lambda r: r.public_key) == records
     await store.close()
+
+
+def test_event_ids_are_unique_time_ordered_uuids() -> None:
+    """Event ids are RFC 9562 version 7 UUIDs: canonical text, the creation time in milliseconds up front (an id
+    made in a later millisecond sorts after the earlier ones: the outbox's unique index grows at its end), and
+    74 random bits that keep ids of the same millisecond apart."""
+    import time
+    import uuid
+
+    from gatewayd.ports import new_event_id
+
+    def millis(text: str) -> int:
+        return uuid.UUID(text).int >> 80
+
+    before = time.time_ns() // 1_000_000
+    ids = [new_event_id() for _ in range(20_000)]
+    while time.time_ns() // 1_000_000 <= millis(ids[-1]):
+        time.sleep(0.001)
+    later = new_event_id()
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == len(ids)
+    for text in (later, *ids[:1000], *ids[-1000:]):
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text  # canonical: lower case, 8-4-4-4-12
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert before <= millis(text) <= after
+    assert millis(later) > millis(ids[-1])
+    assert all(text < later for text in ids)
+    # the random part is not a counter: no two ids share it
+    assert len({uuid.UUID(t).int & ((1 << 74) - 1) for t in ids}) == len(ids)
