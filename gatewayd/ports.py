@@ -259,7 +259,8 @@ def new_event_id() -> str:
     start, where its pages are cached: with random (version 4) ids each insert and each prune lands on a random
     page of an index over up to event_retention rows (SQLite, 100,000 events: twice the cost of inserting and
     pruning a batch's events)."""
-    raw = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10))
+    millis = (time.time_ns() // 1_000_000) & 0xFFFF_FFFF_FFFF  # a clock set outside 1970-10889 still gives an id
+    raw = bytearray(millis.to_bytes(6, "big") + os.urandom(10))
     raw[6] = 0x70 | (raw[6] & 0x0F)  # version 7
     raw[8] = 0x80 | (raw[8] & 0x3F)  # variant: RFC 9562 (and 4122)
     h = raw.hex()

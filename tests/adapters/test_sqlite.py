@@ -216,3 +216,18 @@ def test_event_ids_are_unique_time_ordered_uuids() -> None:
     assert all(text < later for text in ids)
     # the random part is not a counter: no two ids share it
     assert len({uuid.UUID(t).int & ((1 << 74) - 1) for t in ids}) == len(ids)
+
+
+@pytest.mark.parametrize("clock_ns", [-1, 0, (1 << 48) * 1_000_000 + 5_000_000])
+def test_an_event_id_is_made_whatever_the_clock_says(monkeypatch: pytest.MonkeyPatch, clock_ns: int) -> None:
+    """A clock set before 1970 or past what 48 bits of milliseconds hold still gives a valid id (an event must
+    never fail for its id): the time field wraps."""
+    import time
+    import uuid
+
+    from gatewayd.ports import new_event_id
+
+    monkeypatch.setattr(time, "time_ns", lambda: clock_ns)
+    parsed = uuid.UUID(new_event_id())
+    assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert parsed.int >> 80 == (clock_ns // 1_000_000) % (1 << 48)
