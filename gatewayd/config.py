@@ -119,6 +119,10 @@ class ChallengeSection:
     workers: int = 0
     """Processes that serve the challenge listener's gRPC (SO_REUSEPORT on the same addresses), relaying each call
     to the daemon, which checks and serves it as its own listener would; 0: the daemon serves it itself."""
+    calls_per_second: float = 10.0
+    """Challenge calls a second allowed per peer (a caller that is no peer: per address), on average."""
+    calls_burst: int = 50
+    """Calls a peer (or address) may make at once before its rate applies."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -350,6 +354,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("challenge.port", "must be a port number")
     if not 0 <= cfg.challenge.workers <= MAX_CHALLENGE_WORKERS:
         raise ConfigError("challenge.workers", f"must be between 0 and {MAX_CHALLENGE_WORKERS}")
+    if not 0.1 <= cfg.challenge.calls_per_second <= 100_000:
+        raise ConfigError("challenge.calls_per_second", "must be between 0.1 and 100000")
+    if not 1 <= cfg.challenge.calls_burst <= 100_000:
+        raise ConfigError("challenge.calls_burst", "must be between 1 and 100000")
     if cfg.metrics.listen:
         _host_port("metrics.listen", cfg.metrics.listen)
     mq = cfg.mqtt

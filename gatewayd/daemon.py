@@ -41,6 +41,7 @@ from gatewayd.api.relay import ChallengeWorkers
 from gatewayd.api.services import ChallengeService, ControlService
 from gatewayd.auth import device
 from gatewayd.config import Config, ConfigError, load
+from gatewayd.core.callrate import CallRate
 from gatewayd.core.model import PeerState
 from gatewayd.core.state import CoreConfig, GatewayState
 from gatewayd.core.tracking import PeerSnapshot
@@ -164,6 +165,8 @@ class Daemon:
         self.store = SqliteStore(config.gateway.database, SecretBox.from_file(config.gateway.secrets_key_file))
         core = GatewayState(core_config(config, detection=adapters.handshake_queue is not None))
         self.metrics = Metrics.create()
+        self.call_rate = CallRate(config.challenge.calls_per_second, config.challenge.calls_burst)
+        """Challenge calls per source address (kept across listener restarts and reloads)."""
         self.driver = Driver(core, self.store, adapters.enforcer, adapters.source, adapters.flows,
                              settings=job_settings(config), clock=clock,
                              event_retention=config.gateway.event_retention,
@@ -461,7 +464,7 @@ class Daemon:
             log.warning("challenge listener not bound: %s has no addresses yet (it is bound when they appear)",
                         self.config.wireguard.interface)
             return
-        servicer = ChallengeService(self.driver, self.metrics, self.fleet)
+        servicer = ChallengeService(self.driver, self.metrics, self.fleet, self.call_rate)
         if self.config.challenge.workers:
             workers = ChallengeWorkers(challenge_methods(servicer, self._limits(), self.driver.foreground),
                                        self.config.challenge.workers, self.config.control.max_message_bytes)
@@ -524,6 +527,7 @@ class Daemon:
         self.driver.settings = job_settings(new)
         self.core.config = core_config(new, detection=self.handshakes is not None)
         self.driver.event_retention = new.gateway.event_retention
+        self.call_rate.rate, self.call_rate.burst = new.challenge.calls_per_second, new.challenge.calls_burst
         self.authorizer.rules = {p: frozenset(m) for p, m in new.control.authorization.items()}
         self.authorizer.local_principal = new.control.unix_principal
         rebound = []

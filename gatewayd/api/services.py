@@ -15,6 +15,7 @@ import grpc
 
 from gatewayd.api import convert
 from gatewayd.auth import backup, totp
+from gatewayd.core.callrate import CallRate
 from gatewayd.core.model import Peer
 from gatewayd.core.tracking import PeerSnapshot
 from gatewayd.errors import Refused, Status
@@ -218,8 +219,10 @@ def caller_address(context: grpc.aio.ServicerContext) -> str | None:
 
 
 class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ignore[misc]
-    def __init__(self, driver: Driver, metrics: Metrics, fleet: Fleet | None = None) -> None:
+    def __init__(self, driver: Driver, metrics: Metrics, fleet: Fleet | None = None,
+                 call_rate: CallRate | None = None) -> None:
         self.driver, self.metrics, self.fleet = driver, metrics, fleet
+        self.call_rate = call_rate
 
     async def _proof(self, factor: str, proof: proofs.Proof) -> challenge_pb2.ProofResult:
         """Check and commit a proof (through the fleet ledger with a fleet) and count its outcome by factor."""
@@ -234,6 +237,14 @@ class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ig
     def _caller(self, context: grpc.aio.ServicerContext) -> str:
         address = caller_address(context)
         peer = self.driver.core.peer_for_address(address) if address else None
+        if address is not None and self.call_rate is not None:
+            # A peer's budget is its own whatever address of its prefixes it calls from (a subnet peer could
+            # otherwise take a fresh one per address); anyone else's is per address.
+            wait = self.call_rate.take(peer.public_key if peer is not None else address, time.monotonic())
+            if wait is not None:
+                self.metrics.challenge_calls_limited.inc()
+                raise Refused(Status.RESOURCE_EXHAUSTED,
+                              f"too many calls from this address: retry in {max(wait, 0.1):.1f} s")
         if peer is None:
             raise Refused(Status.PERMISSION_DENIED, "the caller is not a tunnel address of a tracked peer")
         return peer.public_key

@@ -16,6 +16,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +30,7 @@ from hypothesis import strategies as st
 
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
 from tests.api.test_challenge_api import ME, quarantined
-from tests.harness import Harness, start, stop
+from tests.harness import Harness, config_for, start, stop
 from tests.pki import Authority
 
 T = TypeVar("T")
@@ -271,7 +272,12 @@ def sweep(service: ServiceDescriptor) -> list[tuple[str, bool, bytes]]:
 def fuzz_service(tmp_path: Path, service: ServiceDescriptor, channel_of: Callable[[Harness], grpc.aio.Channel],
                  workers: int = 0) -> None:
     loop = LoopThread()
-    h = loop.run(start(tmp_path, Authority("fuzz CA"), workers=workers))
+    ca = Authority("fuzz CA")
+    config = config_for(tmp_path, ca)
+    # Every call comes from one address: lift the per-source call rate so that they reach the handlers
+    # (tests/api/test_challenge_rate.py covers the limit).
+    config = replace(config, challenge=replace(config.challenge, calls_per_second=100_000.0, calls_burst=100_000))
+    h = loop.run(start(tmp_path, ca, config=config, workers=workers))
     try:
         loop.run(quarantined(h))
 
