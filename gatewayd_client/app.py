@@ -72,6 +72,9 @@ class ClientApp:
             try:
                 yield from self.stub.WatchStatus(challenge_pb2.WatchStatusRequest())
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # this address's call rate at the gateway
+                    time.sleep(_seconds_in(exc.details() or "", default=self.retry_seconds))
+                    continue
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
             time.sleep(self.retry_seconds)
@@ -91,8 +94,7 @@ class ClientApp:
             elif status.state == types_pb2.PEER_STATE_QUARANTINED:
                 # The stream also replays changes this app caused itself (each refusal changes the attempts
                 # left): what counts is the status now.
-                current: challenge_pb2.Challenge = self.stub.GetChallenge(challenge_pb2.GetChallengeRequest(),
-                                                                          timeout=30)
+                current = self._challenge()
                 if current.state == types_pb2.PEER_STATE_AUTHORIZED:
                     continue  # the stream's next message says so
                 outcome = self.prove(current)
@@ -146,6 +148,18 @@ class ClientApp:
                 client_data_json=s.client_data_json, signature=s.signature, user_handle=s.user_handle), timeout=30)
         return result
 
+    def _challenge(self) -> challenge_pb2.Challenge:
+        """GetChallenge, waiting out the gateway's call rate for this address if it is reached."""
+        while True:
+            try:
+                current: challenge_pb2.Challenge = self.stub.GetChallenge(challenge_pb2.GetChallengeRequest(),
+                                                                          timeout=30)
+                return current
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                time.sleep(_seconds_in(exc.details() or "", default=self.retry_seconds))
+
     def _submit(self, call: Any) -> challenge_pb2.Challenge | None:
         """One submission; the status after it, or None to look again (a wait, a race)."""
         try:
@@ -153,7 +167,9 @@ class ClientApp:
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                self.prompter.say(f"too many failed attempts: {details}")
+                calls = "too many calls" in details  # the address's call rate, not the member's failures
+                self.prompter.say(f"{'the gateway asks to slow down' if calls else 'too many failed attempts'}: "
+                                  f"{details}")
                 time.sleep(_seconds_in(details, default=self.retry_seconds))
                 return None
             if code == grpc.StatusCode.INVALID_ARGUMENT:

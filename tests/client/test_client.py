@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 
@@ -14,7 +16,8 @@ from gatewayd.lab.authenticator import SoftAuthenticator
 from gatewayd.v1 import challenge_pb2_grpc, control_pb2
 from gatewayd_client.app import ClientApp, Exit, Signed
 from gatewayd_client.fido import SoftwareSigner
-from tests.harness import Harness, gw, key  # noqa: F401 (fixture)
+from tests.harness import Harness, config_for, gw, key, start, stop  # noqa: F401 (fixture)
+from tests.pki import Authority
 
 ME = key(1)
 
@@ -136,3 +139,22 @@ async def test_a_key_without_user_verification_is_refused(gw: Harness) -> None: 
     except Done:
         pass
     assert user.said[1] == "refused: 9 attempts left" and signer.calls == 2
+
+
+async def test_the_app_waits_out_the_gateways_call_rate(tmp_path: Path) -> None:
+    """A gateway that allows this address 2 calls at once and 5 a second: the app's stream and status read
+    take the burst, its submission is refused as over the rate; it says so, waits the time the gateway gives
+    and asks again, and the next code opens the tunnel."""
+    ca = Authority("ca")
+    config = config_for(tmp_path, ca)
+    h = await start(tmp_path, ca, config=replace(config, challenge=replace(config.challenge, calls_per_second=5.0,
+                                                                          calls_burst=2)))
+    try:
+        await quarantined(h)
+        user = Script(wrong(h), h.code())
+        assert await run_client(h, user) == Exit.AUTHORIZED
+        assert user.said[0].startswith("the gateway asks to slow down: too many calls from this address")
+        assert user.said[-2:] == ["accepted", "authorized: the tunnel is open"]
+        assert "(10 attempts left)" in user.prompts[1]  # the call refused for its rate cost no attempt
+    finally:
+        await stop(h)
