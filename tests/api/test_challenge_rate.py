@@ -1,11 +1,10 @@
-"""The challenge API's per-source call rate ([challenge] calls_per_second, calls_burst), against the daemon with
+"""The challenge API's per-caller call rate ([challenge] calls_per_second, calls_burst), against the daemon with
 the challenge API served in-process and by worker processes: one caller over its rate is refused before any
 work is done for it; other callers are not affected; the limit is reloadable and validated."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,24 +12,14 @@ import grpc
 import pytest
 
 from gatewayd.config import Config, ConfigError, validate
-from gatewayd.v1 import challenge_pb2, control_pb2
+from gatewayd.v1 import challenge_pb2
+from tests.api.test_challenge_api import quarantined
 from tests.harness import Harness, config_for, key, start, stop, write_config
 from tests.pki import Authority
-
-ME = key(1)
-LOOPBACK = "127.0.0.1/32"
 
 
 def limited(config: Config, rate: float, burst: int) -> Config:
     return replace(config, challenge=replace(config.challenge, calls_per_second=rate, calls_burst=burst))
-
-
-async def quarantined(gw: Harness) -> None:
-    gw.source.add(ME, LOOPBACK, handshake=gw.clock() - 1)
-    await gw.enroll("alice", (ME,))
-    await gw.poll()
-    await gw.local().Disconnect(control_pb2.DisconnectRequest(member_id="alice", idempotency_key=os.urandom(8).hex()))
-    assert LOOPBACK in gw.enforcer.held
 
 
 async def status_of(call: object) -> tuple[grpc.StatusCode, str]:
