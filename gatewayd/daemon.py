@@ -166,7 +166,7 @@ class Daemon:
         core = GatewayState(core_config(config, detection=adapters.handshake_queue is not None))
         self.metrics = Metrics.create()
         self.call_rate = CallRate(config.challenge.calls_per_second, config.challenge.calls_burst)
-        """Challenge calls per source address (kept across listener restarts and reloads)."""
+        """Challenge calls per caller (kept across listener restarts and reloads)."""
         self.driver = Driver(core, self.store, adapters.enforcer, adapters.source, adapters.flows,
                              settings=job_settings(config), clock=clock,
                              event_retention=config.gateway.event_retention,

@@ -73,7 +73,7 @@ class ClientApp:
                 yield from self.stub.WatchStatus(challenge_pb2.WatchStatusRequest())
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # this address's call rate at the gateway
-                    time.sleep(_seconds_in(exc.details() or "", default=self.retry_seconds))
+                    self._wait_as_told(exc.details() or "")
                     continue
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
@@ -158,7 +158,11 @@ class ClientApp:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise
-                time.sleep(_seconds_in(exc.details() or "", default=self.retry_seconds))
+                self._wait_as_told(exc.details() or "")
+
+    def _wait_as_told(self, details: str) -> None:
+        """Sleep for the time a RESOURCE_EXHAUSTED answer gives ("retry in N s"), or the default retry delay."""
+        time.sleep(_seconds_in(details, default=self.retry_seconds))
 
     def _submit(self, call: Any) -> challenge_pb2.Challenge | None:
         """One submission; the status after it, or None to look again (a wait, a race)."""
@@ -170,7 +174,7 @@ class ClientApp:
                 calls = "too many calls" in details  # the address's call rate, not the member's failures
                 self.prompter.say(f"{'the gateway asks to slow down' if calls else 'too many failed attempts'}: "
                                   f"{details}")
-                time.sleep(_seconds_in(details, default=self.retry_seconds))
+                self._wait_as_told(details)
                 return None
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 self.prompter.say(f"not a valid code: {details}")

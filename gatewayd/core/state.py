@@ -247,24 +247,30 @@ class GatewayState:
         """The configured peer whose allowed IPs contain `address` (a tunnel source address): a host prefix by
         its key, else the longest subnet prefix that contains it (looked up among subnet prefixes only: an
         address no peer holds must not cost a walk over 100,000 peers, it is the caller anyone can be)."""
-        for key in self._holders(f"{address}/{128 if ':' in address else 32}"):  # as caller_address writes it
-            if self.peers[key].present:
-                return self.peers[key]
+        # as caller_address writes it, before parsing it; then in canonical form
+        peer = self._present_holder(f"{address}/{128 if ':' in address else 32}")
+        if peer is not None:
+            return peer
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return None
-        for key in self._holders(f"{ip}/{ip.max_prefixlen}"):
-            if self.peers[key].present:
-                return self.peers[key]
+        peer = self._present_holder(f"{ip}/{ip.max_prefixlen}")
+        if peer is not None:
+            return peer
         best: tuple[int, Peer] | None = None
         for prefix, net in self._subnet_index().items():
-            if ip.version == net.version and ip in net and (best is None or net.prefixlen > best[0]):
-                for key in self._holders(prefix):
-                    if self.peers[key].present:
-                        best = (net.prefixlen, self.peers[key])
-                        break
+            if (ip.version == net.version and ip in net and (best is None or net.prefixlen > best[0])
+                    and (holder := self._present_holder(prefix)) is not None):
+                best = (net.prefixlen, holder)
         return best[1] if best else None
+
+    def _present_holder(self, prefix: str) -> Peer | None:
+        """A peer on the interface that lists `prefix`."""
+        for key in self._holders(prefix):
+            if self.peers[key].present:
+                return self.peers[key]
+        return None
 
     def _subnet_index(self) -> dict[str, ipaddress.IPv4Network | ipaddress.IPv6Network]:
         """The listed prefixes that are not host prefixes, parsed; rebuilt after one was listed or dropped."""

@@ -19,7 +19,7 @@ class Metrics:
     challenge_results: Counter
     """Proof submissions by factor and outcome."""
     challenge_calls_limited: Counter
-    """Challenge calls refused because their source address was over its rate."""
+    """Challenge calls refused because their caller (a peer, or an address) was over its rate."""
     disconnect_seconds: Histogram
     """Disconnect latency, call to answer."""
     poll_seconds: Histogram
@@ -39,7 +39,7 @@ class Metrics:
             challenge_results=r.counter("gatewayd_challenge_results_total",
                                         "Proof submissions by factor and outcome", ("factor", "outcome")),
             challenge_calls_limited=r.counter("gatewayd_challenge_calls_limited_total",
-                                              "Challenge calls refused: their source address was over its rate"),
+                                              "Challenge calls refused: their caller was over its rate"),
             disconnect_seconds=r.histogram("gatewayd_disconnect_seconds",
                                            "Disconnect latency from call to answer (enforced and committed)",
                                            LATENCY_BUCKETS),
