@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
@@ -29,6 +30,8 @@ from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_
 
 MAX_PAGE = 1000
 MAX_PREFIXES = 32
+MAX_STATUS_STREAMS = 4
+"""Open WatchStatus streams per peer; a newer one closes the oldest."""
 
 
 Snapshots = Callable[[str], PeerSnapshot | None]
@@ -200,18 +203,24 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
 
 
 def caller_address(context: grpc.aio.ServicerContext) -> str | None:
-    """The call's source address from gRPC's peer string ("ipv4:1.2.3.4:5", "ipv6:[::1]:5")."""
-    peer: str = context.peer() or ""
+    """The call's source address from gRPC's peer string: "ipv4:1.2.3.4:5", "ipv6:%5B2001:db8::1%5D:5" (gRPC
+    percent-encodes the brackets, and a zone's "%" as "%25"; older versions wrote "ipv6:[::1]:5")."""
+    return address_of_peer(context.peer() or "")
+
+
+def address_of_peer(peer: str) -> str | None:
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         host = rest.rsplit(":", 1)[0]
     elif kind == "ipv6":
-        host = rest.rsplit(":", 1)[0].strip("[]").split("%")[0]
+        host = urllib.parse.unquote(rest.rsplit(":", 1)[0]).removeprefix("[").removesuffix("]").split("%")[0]
     else:
         return None
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
+        return None
+    if ip.version != (4 if kind == "ipv4" else 6):
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
@@ -282,24 +291,24 @@ class ChallengeService(challenge_pb2_grpc.ChallengeServiceServicer):  # type: ig
     async def WatchStatus(self, request: challenge_pb2.WatchStatusRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[challenge_pb2.Challenge]:
         key = self._caller(context)
-        changed: asyncio.Queue[None] = asyncio.Queue()
-        watchers = self.driver.watchers.peers.setdefault(key, set())
-        watchers.add(changed)
+        # A client app needs one stream; a few more cover a reconnect while the old connection is not gone yet.
+        # Past that the oldest is closed, so that a peer cannot pile up streams (each one costs a driver job at
+        # every change of its status) while its newest caller is always served.
+        watch = self.driver.watchers.watch(key, MAX_STATUS_STREAMS)
         try:
             last = None
-            while True:
+            while not watch.superseded:
                 view = convert.challenge(await self.driver.submit(proofs.GetChallenge(public_key=key,
                                                                                       issue_nonce=False)))
                 if view != last:
                     yield view
                     last = view
-                await changed.get()
-                while not changed.empty():
-                    changed.get_nowait()
+                await watch.changed.wait()
+                watch.changed.clear()
+            raise Refused(Status.RESOURCE_EXHAUSTED, f"this peer opened more than {MAX_STATUS_STREAMS} status "
+                          "streams: this one, the oldest, is closed")
         finally:
-            watchers.discard(changed)
-            if not watchers:
-                self.driver.watchers.peers.pop(key, None)
+            self.driver.watchers.unwatch(key, watch)
 
 
 def _result(outcome: ProofOutcome) -> challenge_pb2.ProofResult:

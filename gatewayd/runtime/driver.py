@@ -158,12 +158,44 @@ class EventSubscription:
         return True
 
 
+class StatusWatch:
+    """One WatchStatus stream: `changed` is set when its peer's status may have changed; `superseded` once newer
+    streams of the same peer pushed it out."""
+
+    __slots__ = ("changed", "superseded")
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+        self.superseded = False
+
+
 @dataclass
 class Watchers:
     """Subscribers to events and to peer status changes."""
 
     events: set[EventSubscription] = field(default_factory=set)
-    peers: dict[str, set[asyncio.Queue[None]]] = field(default_factory=dict)
+    peers: dict[str, dict[StatusWatch, None]] = field(default_factory=dict)
+    """Each peer's open status streams, oldest first."""
+
+    def watch(self, public_key: str, limit: int) -> StatusWatch:
+        """A new status stream of the peer; past `limit` open ones, the oldest is superseded (told, and dropped
+        from the notifications)."""
+        streams = self.peers.setdefault(public_key, {})
+        while len(streams) >= limit:
+            oldest = next(iter(streams))
+            del streams[oldest]
+            oldest.superseded = True
+            oldest.changed.set()
+        watch = StatusWatch()
+        streams[watch] = None
+        return watch
+
+    def unwatch(self, public_key: str, watch: StatusWatch) -> None:
+        streams = self.peers.get(public_key)
+        if streams is not None:
+            streams.pop(watch, None)
+            if not streams:
+                del self.peers[public_key]
 
 
 class PeerSpecs(Protocol):
@@ -549,5 +581,5 @@ class Driver:
                     self.watchers.events.discard(sub)
                     break
         for key in peers:
-            for q in self.watchers.peers.get(key, ()):
-                q.put_nowait(None)
+            for watch in self.watchers.peers.get(key, ()):
+                watch.changed.set()

@@ -94,6 +94,7 @@ class ChallengeServiceServicer:
 
     def WatchStatus(self, request, context):
         """The calling peer's status: the current one at once, then every change (e.g. step-up required, released).
+        At most 4 streams per peer: a fifth ends the oldest with RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,6 +56,20 @@ async def test_untracked_caller_is_refused(gw: Harness) -> None:
     assert await code_of(gw.challenge().SubmitTotp(totp("123456"))) is grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_a_peer_calling_over_ipv6_is_known_by_its_address(gw: Harness) -> None:
+    """gRPC writes an IPv6 caller as "ipv6:%5B::1%5D:port": the peer holding ::1/128 is found, asked, and released
+    by its proof over IPv6 - not refused as nobody's."""
+    gw.source.add(ME, LOOPBACK, "::1/128", handshake=gw.clock() - 1)
+    await gw.enroll("alice", (ME,))
+    await gw.poll()
+    await gw.local().Disconnect(control_pb2.DisconnectRequest(member_id="alice", idempotency_key="v6"))
+    six = gw.challenge("::1")
+    c = await six.GetChallenge(challenge_pb2.GetChallengeRequest())
+    assert c.state == types_pb2.PEER_STATE_QUARANTINED and list(c.owes) == [types_pb2.PROOF_KIND_OTP]
+    assert (await six.SubmitTotp(totp(gw.code()))).accepted
+    assert not {LOOPBACK, "::1/128"} & set(gw.enforcer.held)
+
+
 async def test_challenge_describes_what_is_owed(gw: Harness) -> None:
     await quarantined(gw)
     c = await gw.challenge().GetChallenge(challenge_pb2.GetChallengeRequest())
@@ -254,6 +268,42 @@ async def test_watch_status_tells_both_transitions(gw: Harness) -> None:
     released = await asyncio.wait_for(stream.read(), 5)
     assert released.state == types_pb2.PEER_STATE_AUTHORIZED
     stream.cancel()
+
+
+async def test_a_peer_keeps_at_most_four_status_streams_and_a_fifth_closes_the_oldest(gw: Harness) -> None:
+    """A peer cannot pile up WatchStatus streams (each costs a driver job at every change of its status): its
+    newest caller is served, the oldest stream is told RESOURCE_EXHAUSTED, the others and other peers' go on."""
+    other = key(2)
+    gw.source.add(ME, LOOPBACK, handshake=gw.clock() - 1)
+    gw.source.add(other, "::1/128", handshake=gw.clock() - 1)
+    await gw.enroll("alice", (ME,))
+    await gw.enroll("bob", (other,))
+    await gw.poll()
+    theirs = gw.challenge("::1").WatchStatus(challenge_pb2.WatchStatusRequest())
+    assert (await asyncio.wait_for(theirs.read(), 5)).state == types_pb2.PEER_STATE_AUTHORIZED
+    mine = []
+    for _ in range(5):  # each open (its first message read) before the next: the first is the oldest
+        mine.append(stream := gw.challenge().WatchStatus(challenge_pb2.WatchStatusRequest()))
+        assert (await asyncio.wait_for(stream.read(), 5)).state == types_pb2.PEER_STATE_AUTHORIZED
+    with pytest.raises(grpc.aio.AioRpcError) as closed:
+        await asyncio.wait_for(mine[0].read(), 5)
+    assert closed.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "oldest" in (closed.value.details() or "")
+    watchers = gw.daemon.driver.watchers.peers
+    assert len(watchers[ME]) == 4 and len(watchers[other]) == 1
+    # The four newest still hear a change, and so does the other peer's stream.
+    await gw.local().Disconnect(control_pb2.DisconnectRequest(member_id="alice", idempotency_key="w4"))
+    for stream in mine[1:]:
+        assert (await asyncio.wait_for(stream.read(), 5)).state == types_pb2.PEER_STATE_QUARANTINED
+    await gw.local().Disconnect(control_pb2.DisconnectRequest(member_id="bob", idempotency_key="w5"))
+    assert (await asyncio.wait_for(theirs.read(), 5)).state == types_pb2.PEER_STATE_QUARANTINED
+    for stream in (*mine[1:], theirs):
+        stream.cancel()
+    for _ in range(100):
+        if not watchers:
+            break
+        await asyncio.sleep(0.05)
+    assert watchers == {}
 
 
 async def test_nothing_owed_is_failed_precondition(gw: Harness) -> None:
