@@ -30,6 +30,8 @@ from gatewayd.v1 import challenge_pb2, challenge_pb2_grpc, control_pb2, control_
 
 MAX_PAGE = 1000
 MAX_PREFIXES = 32
+MAX_EVENT_STREAMS = 16
+"""Open WatchEvents streams, all callers together; one more is refused."""
 MAX_STATUS_STREAMS = 4
 """Open WatchStatus streams per peer; a newer one closes the oldest."""
 
@@ -175,6 +177,10 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
                          for i, p in enumerate(request.type_prefixes))
         if request.HasField("after_cursor"):
             await self._check_cursor(convert.cursor(request.after_cursor, "after_cursor"))
+        if len(self.driver.watchers.events) >= MAX_EVENT_STREAMS:
+            # Each stream may buffer a team Disconnect's worth of events (100,000) while its reader is slow.
+            raise Refused(Status.RESOURCE_EXHAUSTED, f"{MAX_EVENT_STREAMS} event streams are open already; close "
+                          "one first (a stream that ended is counted until the gateway sees it gone)")
         sub = EventSubscription()
         self.driver.watchers.events.add(sub)
         try:

@@ -158,6 +158,7 @@ class ControlServiceServicer:
         """Security events: those after a cursor (from the retained history), then live ones. Initial metadata
         "gatewayd-cursor" (sent once subscribed, before any event) is the cursor of the latest event at that moment.
         A subscriber that falls too far behind is ended with RESOURCE_EXHAUSTED and resumes with after_cursor.
+        At most 16 streams are open at once (all callers together); one more is refused RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -258,6 +258,29 @@ async def test_watch_events_live_and_resumed(gw: Harness) -> None:
     everything.cancel()
 
 
+async def test_event_streams_are_bounded_and_a_closed_one_frees_its_place(gw: Harness) -> None:
+    """At most 16 WatchEvents streams at once (each may buffer 100,000 events behind a slow reader): the 17th is
+    RESOURCE_EXHAUSTED at once and changes nothing; once one is closed a new one is served; the 16 hear events."""
+    streams = []
+    for _ in range(16):
+        streams.append(stream := gw.local().WatchEvents(control_pb2.WatchEventsRequest()))
+        await stream.initial_metadata()  # subscribed
+    code, details = await status_of(gw.local().WatchEvents(control_pb2.WatchEventsRequest()).read())
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "16 event streams" in details
+    assert len(gw.daemon.driver.watchers.events) == 16
+    streams.pop(0).cancel()
+    for _ in range(100):
+        if len(gw.daemon.driver.watchers.events) < 16:
+            break
+        await asyncio.sleep(0.05)
+    streams.append(stream := gw.local().WatchEvents(control_pb2.WatchEventsRequest()))
+    await stream.initial_metadata()
+    await gw.enroll("alice", (key(1),))
+    for stream in streams:
+        assert (await asyncio.wait_for(stream.read(), 5)).type == "factor.enrolled"
+        stream.cancel()
+
+
 # ---- restart -----------------------------------------------------------------------------------------
 
 async def test_quarantine_survives_restart_and_is_reconciled(tmp_path: Path) -> None:
