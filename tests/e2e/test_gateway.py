@@ -13,7 +13,7 @@ import pytest
 
 from gatewayd.lab.authenticator import SoftAuthenticator
 from gatewayd.lab.gateway import LabGateway
-from gatewayd.lab.netlab import GATEWAY_TUNNEL_IP, SERVER_IP, Lab, LabPeer, run
+from gatewayd.lab.netlab import GATEWAY_TUNNEL_IP, GATEWAY_TUNNEL_IP6, SERVER_IP, Lab, LabPeer, run
 from gatewayd.v1 import control_pb2, types_pb2
 from tests.e2e.conftest import TCP, UDP, Agent, Sink
 
@@ -131,6 +131,27 @@ def test_quarantined_peer_reaches_only_the_challenge_and_is_released_by_totp(
     transitions = [st for i, st in enumerate(states) if i == 0 or states[i - 1] != st]
     assert transitions == ["PEER_STATE_AUTHORIZED", "PEER_STATE_QUARANTINED", "PEER_STATE_AUTHORIZED"], states
     assert statuses[2]["attempts_left"] == 9
+
+
+def test_a_quarantined_peer_proves_over_ipv6_through_the_tunnel(lab: Lab, gateway: LabGateway, agent: Agent) -> None:
+    """The challenge API over the tunnel's IPv6 addresses (the peer is fd99::2 inside the tunnel, the gateway
+    fd99::1): the caller is known by its IPv6 source address, quarantined over IPv6 too, and released by a proof
+    sent over IPv6."""
+    p1 = lab.peers[0]
+    enroll(gateway, "alice", p1)
+    wait_state(gateway, p1, types_pb2.PEER_STATE_AUTHORIZED)
+    disconnect(gateway, "alice", "ipv6-flow")
+    six = f"[{GATEWAY_TUNNEL_IP6}]:9443"
+    deadline = time.monotonic() + 15  # the probes' packets make the peer handshake afresh (its keys were dropped)
+    while agent.probe(p1, six) != "connected":
+        assert time.monotonic() < deadline, "the IPv6 challenge address is not reachable over the new session"
+    # Quarantined over IPv6 as well (ICMPv6 administratively prohibited is EACCES on Linux).
+    assert agent.probe(p1, f"[{GATEWAY_TUNNEL_IP6}]:22") in ("EACCES", "timeout")
+    challenge = agent(p1.ns, "challenge", "--gateway", six)
+    assert challenge["ok"] and challenge["state"] == "PEER_STATE_QUARANTINED", challenge
+    good = agent(p1.ns, "totp", "--gateway", six, "--code", code())
+    assert good["accepted"], good
+    assert agent.probe(p1, f"{SERVER_IP}:5001") in ("connected", "ECONNREFUSED")  # forwarded again
 
 
 def test_prior_connection_fresh_peer_is_held_from_its_first_packet(
