@@ -52,11 +52,14 @@ def send(source: str, count: int) -> None:
 
 
 def prepare(ns: str) -> None:
-    """Conntrack is on in a namespace once a rule uses it; two local sources to send from."""
+    """Conntrack is on in a namespace once a rule uses it; local sources to send from (two of each family)."""
     subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], check=True, text=True, input=(
         "table inet t {\n chain c {\n type filter hook output priority 0;\n ct state new counter\n }\n}\n"))
     for address in ("10.99.0.3", "10.99.0.4"):
         subprocess.run(["ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/32", "dev", "lo"], check=True)
+    for address in ("fd99::3", "fd99::4"):
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "-6", "addr", "add", f"{address}/128", "dev", "lo", "nodad"],
+                       check=True)
 
 
 def send_both() -> None:
@@ -86,5 +89,34 @@ async def test_flush_deletes_seeded_and_learned_flows_by_address() -> None:
             ct._stale = True
             with inside(ns):
                 assert await ct.flush(["10.99.0.4/32"]) == 3
+        finally:
+            await ct.close()
+
+
+def send6(source: str, count: int) -> None:
+    for _ in range(count):
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind((source, next(_next_port)))
+            s.sendto(b"x", ("::1", 7))
+
+
+async def test_ipv6_flows_are_deleted_by_address_and_by_prefix() -> None:
+    """The same for a peer's IPv6 tunnel addresses: flows seeded before the start and learned after it, deleted
+    by /128 and by a subnet prefix; IPv4 flows of the same host number untouched."""
+    with namespace() as ns:
+        prepare(ns)
+        in_namespace(ns, lambda: send6("fd99::3", 4))
+        with inside(ns):
+            ct = Conntrack()
+            await ct.start()
+        try:
+            in_namespace(ns, lambda: (send6("fd99::3", 3), send6("fd99::4", 5), send("10.99.0.3", 2)))
+            assert flows(ns, "fd99::3") == 7 and flows(ns, "fd99::4") == 5
+            with inside(ns):
+                assert await ct.flush(["fd99::3/128"]) == 7
+            assert flows(ns, "fd99::3") == 0 and flows(ns, "fd99::4") == 5 and flows(ns, "10.99.0.3") == 2
+            with inside(ns):
+                assert await ct.flush(["FD99:0::/64"]) == 5  # any spelling of the prefix
+            assert flows(ns, "fd99::4") == 0 and flows(ns, "10.99.0.3") == 2
         finally:
             await ct.close()
