@@ -72,7 +72,8 @@ class ClientApp:
             try:
                 yield from self.stub.WatchStatus(challenge_pb2.WatchStatusRequest())
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # this address's call rate at the gateway
+                # The gateway's call rate for this address, or a newer stream of this peer closed this one.
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     self._wait_as_told(exc.details() or "")
                     continue
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,14 @@ from tests.fakes import MemoryEnforcer, MemoryFlows, MemorySource
 from tests.pki import Authority, write_server_files
 
 SECRET = b"0123456789abcdef0123"  # 160 bits
+
+
+async def eventually(check: Callable[[], bool]) -> None:
+    """Until `check` holds, for at most 10 s."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
+        await asyncio.sleep(0.05)
 
 
 def key(n: int) -> str:

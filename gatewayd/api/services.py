@@ -209,12 +209,13 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):  # type: ignore[m
 
 
 def caller_address(context: grpc.aio.ServicerContext) -> str | None:
-    """The call's source address from gRPC's peer string: "ipv4:1.2.3.4:5", "ipv6:%5B2001:db8::1%5D:5" (gRPC
-    percent-encodes the brackets, and a zone's "%" as "%25"; older versions wrote "ipv6:[::1]:5")."""
+    """The call's source address (None: not an IP caller, or not parsable)."""
     return address_of_peer(context.peer() or "")
 
 
 def address_of_peer(peer: str) -> str | None:
+    """The address in gRPC's peer string: "ipv4:1.2.3.4:5", "ipv6:%5B2001:db8::1%5D:5" (gRPC percent-encodes the
+    brackets, and a zone's "%" as "%25"; older versions wrote "ipv6:[::1]:5"); canonical, v4-mapped as IPv4."""
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         host = rest.rsplit(":", 1)[0]

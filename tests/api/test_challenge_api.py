@@ -15,7 +15,7 @@ from gatewayd.auth import backup
 from gatewayd.errors import Refused
 from gatewayd.runtime.proofs import Prove, SubmitBackupCode
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
-from tests.harness import Harness, gw_either_challenge_server, key, start, stop
+from tests.harness import Harness, eventually, gw_either_challenge_server, key, start, stop
 from tests.pki import Authority
 
 __all__ = ["gw_either_challenge_server"]
@@ -299,11 +299,7 @@ async def test_a_peer_keeps_at_most_four_status_streams_and_a_fifth_closes_the_o
     assert (await asyncio.wait_for(theirs.read(), 5)).state == types_pb2.PEER_STATE_QUARANTINED
     for stream in (*mine[1:], theirs):
         stream.cancel()
-    for _ in range(100):
-        if not watchers:
-            break
-        await asyncio.sleep(0.05)
-    assert watchers == {}
+    await eventually(lambda: watchers == {})
 
 
 async def test_nothing_owed_is_failed_precondition(gw: Harness) -> None:

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import struct
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from gatewayd.api import relay
 from gatewayd.api.relay import ChallengeWorkers
 from gatewayd.config import ConfigError, validate
 from gatewayd.v1 import challenge_pb2, control_pb2, types_pb2
-from tests.harness import Harness, config_for, key, start, stop, write_config
+from tests.harness import Harness, config_for, eventually, key, start, stop, write_config
 from tests.pki import Authority
 
 ME = key(1)
@@ -52,14 +51,6 @@ async def quarantined(gw: Harness) -> None:
 def workers_of(gw: Harness) -> ChallengeWorkers:
     assert isinstance(gw.daemon.challenge, ChallengeWorkers)
     return gw.daemon.challenge
-
-
-async def eventually(check: Callable[[], bool]) -> None:
-    """Until `check` holds, for at most 10 s."""
-    deadline = asyncio.get_running_loop().time() + 10
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_workers_are_children_without_capabilities_or_new_privileges(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gatewayd.scheduling import Pause, no_pause
 from gatewayd.v1 import control_pb2, types_pb2
-from tests.harness import SECRET, Harness, gw, key, start, stop
+from tests.harness import SECRET, Harness, eventually, gw, key, start, stop
 from tests.pki import Authority
 
 __all__ = ["gw"]
@@ -269,10 +269,7 @@ async def test_event_streams_are_bounded_and_a_closed_one_frees_its_place(gw: Ha
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "16 event streams" in details
     assert len(gw.daemon.driver.watchers.events) == 16
     streams.pop(0).cancel()
-    for _ in range(100):
-        if len(gw.daemon.driver.watchers.events) < 16:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: len(gw.daemon.driver.watchers.events) < 16)
     streams.append(stream := gw.local().WatchEvents(control_pb2.WatchEventsRequest()))
     await stream.initial_metadata()
     await gw.enroll("alice", (key(1),))
